@@ -1,0 +1,41 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+CACHE ?= .cache/neuqi
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo data lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing torch 2.13.0 with CUDA from PyPI"; \
+		$(PIP) install -q --no-cache-dir "torch==2.13.0"; \
+	else \
+		echo "no NVIDIA GPU: installing the CPU wheel of torch 2.13.0"; \
+		$(PIP) install -q --only-binary :all: "torch==2.13.0" --find-links /opt/wheels || \
+			$(PIP) install -q "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PIP) install -q -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+data: $(STAMP)
+	$(PY) -m neuqi.data.fetch --cache $(CACHE)
+
+test: $(STAMP) data
+	$(VENV)/bin/ruff check src tests bench
+	$(PY) -m pytest -q -x --durations=10
+
+demo: $(STAMP) data
+	$(PY) -m neuqi.cli demo --cache $(CACHE)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,218 @@
+"""GPTQ and LDLQ: round columns one by one, feeding the error back through H.
+
+Both minimise the proxy loss ``tr((W − Ŵ) H (W − Ŵ)ᵀ)`` greedily, column by column,
+with the quantization parameters fixed up front (NEUQI_NOTES "Where init happens"):
+
+* GPTQ takes the upper Cholesky factor of ``H⁻¹`` and pushes each column's
+  error onto the columns not yet quantized (lazy block updates, one matmul per block).
+* LDLQ writes ``H = U D Uᵀ`` with ``U`` unit upper triangular (Cholesky of the
+  flipped matrix) and quantizes ``ŵ_k = Q(w_k + Σ_{j<k} U_{jk} (w_j − ŵ_j))``.
+
+The two give the same codes in exact arithmetic (QuIP, Thm. 6); a test checks it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from neuqi.quant.grid import QuantParams, QuantSpec, check_finite, check_weight, dequantize
+from neuqi.quant.init import InitMethod, init_params
+from neuqi.quant.magr import magr_preprocess
+
+Algorithm = Literal["gptq", "ldlq", "rtn"]
+ALGORITHMS: tuple[str, ...] = ("gptq", "ldlq", "rtn")
+
+
+@dataclass
+class GPTQResult:
+    """What a solver returns. ``codes: [out, in]`` uint8 in storage (original) order."""
+
+    codes: Tensor
+    params: QuantParams
+    perm: Tensor | None  # processing order of the columns (act-order), None if natural
+    g_idx: Tensor  # group of every input column, [in]
+    stats: dict = field(default_factory=dict)
+
+
+def damp_hessian(H: Tensor, damp: float) -> Tensor:
+    """``H + damp · mean(diag H) · I`` in float64; dead inputs (diag 0) get 1."""
+    H = H.double().clone()
+    diag = torch.diagonal(H)
+    dead = diag <= 0
+    diag[dead] = 1.0
+    mean = diag.mean()
+    diag += damp * mean
+    return H
+
+
+def _factor(H: Tensor, damp: float, algorithm: str, max_tries: int = 8) -> tuple[Tensor, float]:
+    """Damp and factor H, raising the damping tenfold until the factorisation succeeds.
+
+    Returns ``(F, damp_used)``: for GPTQ the upper Cholesky factor of ``H⁻¹``; for LDLQ
+    the unit upper triangular ``U`` of ``H = U D Uᵀ``.
+    """
+    d = damp
+    for _ in range(max_tries):
+        Hd = damp_hessian(H, d)
+        try:
+            if algorithm == "gptq":
+                L = torch.linalg.cholesky(Hd)
+                Hinv = torch.cholesky_inverse(L)
+                F = torch.linalg.cholesky(Hinv, upper=True)
+            else:
+                # Cholesky of the flipped matrix gives an upper factor R with H = R Rᵀ.
+                C = torch.linalg.cholesky(Hd.flip(0, 1))
+                R = C.flip(0, 1)
+                F = R / torch.diagonal(R)[None, :]
+            if torch.isfinite(F).all():
+                return F.float(), d
+        except torch.linalg.LinAlgError:
+            pass
+        d = d * 10 if d > 0 else 1e-6
+    raise ValueError(
+        f"H could not be factorised even with damping {d / 10:g}; the calibration "
+        f"activations may be degenerate (try more samples or a larger --damp)"
+    )
+
+
+def _quant_col(w: Tensor, s: Tensor, z: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+    q = torch.clamp(torch.round(w / s + z), 0, maxq)
+    return q, s * (q - z)
+
+
+def _solve(
+    W: Tensor, F: Tensor, S: Tensor, Z: Tensor, maxq: int, algorithm: str, block: int
+) -> Tensor:
+    """Greedy column solve in processing order. ``W, S, Z: [out, in]``; returns codes."""
+    n = W.shape[1]
+    Q = torch.zeros_like(W)
+    if algorithm == "gptq":
+        W = W.clone()
+        for i1 in range(0, n, block):
+            i2 = min(i1 + block, n)
+            W1 = W[:, i1:i2].clone()
+            E1 = torch.zeros_like(W1)
+            F1 = F[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                w = W1[:, i]
+                q, wq = _quant_col(w, S[:, i1 + i], Z[:, i1 + i], maxq)
+                Q[:, i1 + i] = q
+                err = (w - wq) / F1[i, i]
+                W1[:, i:] -= err[:, None] * F1[i, i:][None, :]
+                E1[:, i] = err
+            W[:, i2:] -= E1 @ F[i1:i2, i2:]
+        return Q
+    # LDLQ: ŵ_k = Q(w_k + Σ_{j<k} U_jk e_j), e_j = w_j − ŵ_j
+    E = torch.zeros_like(W)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        X = W[:, i1:i2] + E[:, :i1] @ F[:i1, i1:i2]  # feedback from earlier blocks
+        for i in range(i2 - i1):
+            k = i1 + i
+            x = X[:, i]
+            if i:
+                x = x + E[:, i1:k] @ F[i1:k, k]
+            q, wq = _quant_col(x, S[:, k], Z[:, k], maxq)
+            Q[:, k] = q
+            E[:, k] = W[:, k] - wq
+    return Q
+
+
+def quant_losses(W: Tensor, W_hat: Tensor, H: Tensor) -> dict[str, float]:
+    """``tr((W − Ŵ) H (W − Ŵ)ᵀ)`` and its diagonal-only version."""
+    D = (W.double() - W_hat.double()).to(H.device)
+    Hd = H.double()
+    full = float(torch.einsum("oi,ij,oj->", D, Hd, D))
+    diag = float((D * D * torch.diagonal(Hd)[None, :]).sum())
+    return {"quant_loss": full, "diag_loss": diag}
+
+
+def check_hessian(H: Tensor, n_in: int) -> None:
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be square [in, in], got shape {tuple(H.shape)}")
+    if H.shape[0] != n_in:
+        raise ValueError(f"H is {H.shape[0]}x{H.shape[0]} but the weight has {n_in} inputs")
+    check_finite("H", H)
+
+
+def gptq_quantize(
+    w: Tensor,
+    H: Tensor,
+    spec: QuantSpec,
+    init: InitMethod = "neuqi",
+    algorithm: Algorithm = "ldlq",
+    act_order: bool = True,
+    damp: float = 0.01,
+    magr: bool = False,
+    block_size: int = 128,
+    *,
+    magr_alpha: float | None = None,
+    magr_iters: int = 150,
+    clip: float | None = None,
+) -> GPTQResult:
+    """Quantize ``w: [out, in]`` against the second-moment matrix ``H: [in, in]``.
+
+    ``algorithm="rtn"`` rounds to nearest with the chosen init (no error feedback).
+    Parameters come from ``init`` on the whole matrix (after MagR when ``magr``),
+    weighted by the diagonal of the damped H.  With ``act_order`` columns are
+    processed by decreasing ``diag(H)`` but keep their original group.
+    """
+    check_weight(w)
+    check_hessian(H, w.shape[1])
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
+    t0 = time.perf_counter()
+    device = w.device
+    W = w.float().clone()
+    H = H.to(device)
+    dead = torch.diagonal(H) <= 0
+    W[:, dead] = 0.0  # inputs that are always zero carry no information
+    if magr:
+        alpha = magr_alpha if magr_alpha is not None else (1e-3 if spec.group_size == -1 else 1e-4)
+        W = magr_preprocess(W, H, spec.group_size, alpha=alpha, iters=magr_iters)
+    t_magr = time.perf_counter()
+    h_diag = torch.diagonal(damp_hessian(H, damp)).float()
+    if clip is None:
+        clip = magr_clip(spec) if (magr and init == "minmax") else 1.0
+    params = init_params(W, spec, init, h_diag, clip=clip)
+    t_init = time.perf_counter()
+
+    n = W.shape[1]
+    g_idx = spec.group_index(n, device)
+    S, Z = params.expand(spec, n)
+    damp_used = damp
+    if algorithm == "rtn":
+        codes = torch.clamp(torch.round(W / S + Z), 0, spec.maxq)
+        perm = None
+    else:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
+        idx = perm if perm is not None else torch.arange(n, device=device)
+        Hp = H[idx][:, idx]
+        F, damp_used = _factor(Hp, damp, algorithm)
+        Qp = _solve(W[:, idx], F, S[:, idx], Z[:, idx], spec.maxq, algorithm, block_size)
+        codes = torch.empty_like(Qp)
+        codes[:, idx] = Qp
+    t_solve = time.perf_counter()
+    codes = codes.to(torch.uint8)
+    W_hat = dequantize(codes, params, spec)
+    stats = quant_losses(w, W_hat, H)
+    stats.update(
+        damp=damp_used,
+        seconds_magr=t_magr - t0,
+        seconds_init=t_init - t_magr,
+        seconds_solve=t_solve - t_init,
+        seconds=time.perf_counter() - t0,
+    )
+    return GPTQResult(codes=codes, params=params, perm=perm, g_idx=g_idx, stats=stats)
+
+
+def magr_clip(spec: QuantSpec) -> float:
+    """Min-max clipping factor used with "MagR only" (NEUQI_NOTES)."""
+    if spec.group_size != -1:
+        return 0.95
+    return 0.8 if spec.bits <= 2 else 0.9

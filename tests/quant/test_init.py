@@ -1,0 +1,127 @@
+"""NeUQI's parameter search: exact best zero-point, near-optimal scale, never worse
+than min-max on the weighted objective."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from neuqi.quant import QuantSpec, best_zero, fake_quantize, group_weighted_error, init_params
+from neuqi.quant import init as init_mod
+
+
+def breakpoint_sweep_reference(u, h, maxq):
+    """Exhaustive reference: the loss at every stationary point and breakpoint of
+    every piece, found by brute force over all n·maxq breakpoints (float64)."""
+    u, h = u.double(), h.double()
+    k = torch.arange(maxq, dtype=torch.float64)
+    bps = (k[None, :, None] + 0.5 - u[:, None, :]).reshape(u.shape[0], -1)
+    bps, _ = torch.sort(bps, dim=1)
+    big = torch.full((u.shape[0], 1), 1e3, dtype=torch.float64)
+    edges = torch.cat([-big - u.abs().max(), bps, big + u.abs().max()], dim=1)
+    mids = (edges[:, 1:] + edges[:, :-1]) / 2  # a point inside every piece
+    q = torch.clamp(torch.round(u[:, None, :] + mids[:, :, None]), 0, maxq)
+    # stationary point of each piece, clamped to the piece
+    zstar = ((h[:, None, :] * (q - u[:, None, :])).sum(2)) / h.sum(1, keepdim=True)
+    zstar = torch.minimum(torch.maximum(zstar, edges[:, :-1]), edges[:, 1:])
+    cands = torch.cat([zstar, bps], dim=1)
+    t = u[:, None, :] + cands[:, :, None]
+    err = t - torch.clamp(torch.round(t), 0, maxq)
+    return (h[:, None, :] * err * err).sum(2).min(1).values
+
+
+def loss_at(u, h, z, maxq):
+    t = u.double() + z.double()[:, None]
+    err = t - torch.clamp(torch.round(t), 0, maxq)
+    return (h.double() * err * err).sum(1)
+
+
+@pytest.mark.parametrize("maxq", [3, 7, 15])
+def test_best_zero_matches_the_exhaustive_breakpoint_sweep(maxq):
+    G, n = 3000, 24
+    u = torch.randn(G, n) * torch.rand(G, 1) * 3 * maxq
+    h = torch.rand(G, n) ** 3  # uneven importances
+    h[:200, :5] = 0.0  # zero weights
+    u[200:300] = u[200:300].round()  # exact ties on the grid
+    u[300:350] = 1.7  # constant groups
+    z, loss = best_zero(u, h, maxq)
+    ref = breakpoint_sweep_reference(u, h, maxq)
+    assert torch.allclose(loss.double(), loss_at(u, h, z, maxq).float().double(), rtol=1e-5)
+    rel = (loss.double() - ref) / ref.clamp_min(1e-12)
+    assert rel.max() <= 1e-6, f"worst excess {rel.max():.3g}"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 20),
+    maxq=st.sampled_from([3, 7]),
+    scale=st.floats(0.1, 40),
+    seed=st.integers(0, 10_000),
+)
+def test_best_zero_is_never_beaten_by_a_dense_z_grid(n, maxq, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    u = (torch.randn(4, n, generator=g) * scale).double()
+    h = torch.rand(4, n, generator=g).double() + 1e-3
+    _, loss = best_zero(u, h, maxq)
+    zz = torch.linspace(-scale * 6 - maxq, scale * 6 + maxq, 20001, dtype=torch.float64)
+    t = u[:, None, :] + zz[None, :, None]
+    err = t - torch.clamp(torch.round(t), 0, maxq)
+    dense = (h[:, None, :] * err * err).sum(2).min(1).values
+    assert (loss <= dense * (1 + 1e-9) + 1e-12).all()
+
+
+def test_all_zero_importances_fall_back_to_uniform_weights():
+    w = torch.randn(8, 32)
+    spec = QuantSpec(3, 16)
+    a = init_params(w, spec, "neuqi", torch.zeros(32))
+    b = init_params(w, spec, "neuqi", None)
+    assert torch.allclose(a.scale, b.scale) and torch.allclose(a.zero, b.zero)
+
+
+def dense_optimum(w, spec, h, n_scales=1000):
+    """Dense search: ≥1000 scales from 0 to 1.25x min-max, exact best z for each."""
+    wg, hg, _ = init_mod.to_groups(w, spec, h)
+    s0 = init_mod.minmax_scale(wg, spec.maxq)
+    best = torch.full((wg.shape[0],), float("inf"), dtype=torch.float64)
+    for i in range(1, n_scales + 1):
+        s = s0 * (1.25 * i / n_scales)
+        _, loss = best_zero(wg / s[:, None], hg, spec.maxq)
+        best = torch.minimum(best, loss.double() * (s.double() ** 2))
+    return best
+
+
+@pytest.mark.parametrize("bits,group", [(2, 32), (3, 32), (4, -1)])
+def test_neuqi_is_near_the_dense_optimum_and_never_worse_than_minmax(bits, group):
+    spec = QuantSpec(bits, group)
+    w = torch.distributions.StudentT(4.0).sample((48, 64)) * 0.02  # heavy tails
+    h = torch.rand(64) ** 2 + 0.01
+    err = {
+        m: group_weighted_error(w, fake_quantize(w, init_params(w, spec, m, h), spec), spec, h)
+        .flatten()
+        .double()
+        for m in ("minmax", "neuqi", "neuqi_int")
+    }
+    opt = dense_optimum(w, spec, h, n_scales=1000)
+    ratio = err["neuqi"] / opt
+    assert ratio.mean() <= 1.002, f"mean ratio {ratio.mean():.5f}"
+    assert (err["neuqi"] <= err["minmax"] * (1 + 1e-6)).all()
+    assert (err["neuqi"] <= err["neuqi_int"] * (1 + 1e-4)).float().mean() > 0.95
+
+
+def test_mse_and_neuqi_int_keep_integer_zero_points_in_range():
+    spec = QuantSpec(3, 16)
+    w = torch.randn(16, 64)
+    for m in ("minmax", "mse", "neuqi_int"):
+        p = init_params(w, spec, m, torch.rand(64), grid=64)
+        assert torch.equal(p.zero, p.zero.round())
+        assert p.zero.min() >= 0 and p.zero.max() <= spec.maxq
+
+
+def test_compiled_sweep_matches_eager(monkeypatch):
+    pytest.importorskip("torch._inductor")
+    u = torch.randn(300, 16) * 4
+    h = torch.rand(300, 16)
+    ref = init_mod._best_zero_chunk(u, h, 7)
+    compiled = torch.compile(init_mod._best_zero_chunk, dynamic=True)
+    got = compiled(u, h, 7)
+    assert torch.allclose(ref[1], got[1], rtol=1e-6)
