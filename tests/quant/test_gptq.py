@@ -44,7 +44,7 @@ def test_ldlq_is_the_greedy_optimum_on_a_tiny_problem():
     for k in range(3):
         best, best_q = None, None
         for q in range(4):
-            trial = chosen + [q]
+            trial = [*chosen, q]
             e = w[0, : k + 1].double() - s.double() * (torch.tensor(trial).double() - z.double())
             # minimise the loss over the remaining columns left free (Schur complement)
             Hkk = Hd[: k + 1, : k + 1]
@@ -79,7 +79,11 @@ def test_dead_inputs_and_singular_h_are_handled():
 
 @pytest.mark.parametrize(
     "H,msg",
-    [(torch.eye(5), "inputs"), (torch.ones(4, 3), "square"), (torch.full((4, 4), float("nan")), "NaN")],
+    [
+        (torch.eye(5), "inputs"),
+        (torch.ones(4, 3), "square"),
+        (torch.full((4, 4), float("nan")), "NaN"),
+    ],
 )
 def test_bad_hessians_raise(H, msg):
     with pytest.raises(ValueError, match=msg):
