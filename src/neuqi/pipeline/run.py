@@ -1,0 +1,224 @@
+"""``neuqi quantize`` end to end: load, calibrate, quantize layer by layer, save, evaluate.
+
+The run directory ``<out_dir>/<run_name>/`` is built under a hidden ``.partial``
+name (the log is written there live) and renamed into place only when the
+checkpoint and ``result.json`` are complete, so an interrupted run never leaves
+something that looks finished; rerunning replaces it cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+import neuqi
+from neuqi.data.corpora import consecutive_windows, load_text, sample_windows, tokenize
+from neuqi.eval.perplexity import perplexity
+from neuqi.formats.checkpoint import write_checkpoint
+from neuqi.io_utils import atomic_write_json
+from neuqi.models.adapters import adapter_for
+from neuqi.models.loading import load_model, load_tokenizer
+from neuqi.pipeline.config import RunConfig
+from neuqi.pipeline.sequential import QuantOptions, capture_layer0_inputs, quantize_layers
+
+log = logging.getLogger("neuqi")
+
+
+def progress_bar(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=quiet,
+        transient=False,
+    )
+
+
+@contextmanager
+def log_to_file(path: Path):
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(min(old_level or logging.INFO, logging.INFO))
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        root.setLevel(old_level)
+
+
+def peak_memory(device: torch.device) -> dict:
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_mb": rss_kb / 1024}
+    if device.type == "cuda":
+        out["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    env = {
+        "neuqi": neuqi.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def calibration_windows(cfg: RunConfig, tokenizer) -> torch.Tensor:
+    text = load_text(cfg.calib, split="train")
+    ids = tokenize(text, tokenizer)
+    return sample_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
+
+
+def evaluate_sets(
+    model, tokenizer, sets: list[str], seqlen: int, device: torch.device,
+    max_windows: int | None = None, quiet: bool = True,
+) -> dict:
+    """Perplexity on each named set (or file); failures are reported per set."""
+    results: dict[str, dict] = {}
+    for name in sets:
+        try:
+            split = "test" if name == "wikitext2" else "validation" if name == "c4" else "train"
+            ids = tokenize(load_text(name, split=split), tokenizer)
+            if name == "c4":  # literature protocol: 256 random windows, seed 0
+                windows = sample_windows(ids, max_windows or 256, seqlen, seed=0)
+            else:
+                windows = consecutive_windows(ids, seqlen, max_windows)
+        except (RuntimeError, FileNotFoundError, ValueError) as exc:
+            log.warning("eval set %s skipped: %s", name, exc)
+            results[name] = {"error": str(exc)}
+            continue
+        with progress_bar(quiet) as bar:
+            task = bar.add_task(f"ppl {name}", total=windows.shape[0], info="")
+            results[name] = perplexity(model, windows, device, lambda t=task: bar.advance(t))
+        log.info("ppl %s: %.4f (%d windows)", name, results[name]["ppl"], windows.shape[0])
+    return results
+
+
+def quantize_model(cfg: RunConfig, quiet: bool = False) -> Path:
+    """Run the whole job; returns the finished run directory."""
+    device = cfg.torch_device()
+    dtype = cfg.torch_dtype()
+    out_root = Path(cfg.out_dir)
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+        probe = out_root / ".neuqi-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"output directory {out_root} is not writable: {exc}") from None
+    final = out_root / cfg.run_name
+    work = out_root / f".{cfg.run_name}.partial"
+    if work.exists():
+        shutil.rmtree(work)  # left by an interrupted run
+    work.mkdir(parents=True)
+    try:
+        with log_to_file(work / "quantize.log"):
+            result = _quantize_into(cfg, work, device, dtype, quiet)
+        atomic_write_json(work / "result.json", result)
+        if final.exists():
+            old = out_root / f".{cfg.run_name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            work.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return final
+
+
+def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool) -> dict:
+    t_start = time.perf_counter()
+    log.info("run %s on %s (%s)", cfg.run_name, device, dtype)
+    model = load_model(cfg.model, dtype)
+    tokenizer = load_tokenizer(cfg.model)
+    adapter = adapter_for(model.config.model_type)
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"the model's {name} holds NaN/inf values; refusing to quantize it")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    t0 = time.perf_counter()
+    windows = calibration_windows(cfg, tokenizer)
+    batches = capture_layer0_inputs(model, adapter, windows, cfg.batch_size, device)
+    t_capture = time.perf_counter() - t0
+    opts = QuantOptions(cfg.spec, cfg.init, cfg.method, cfg.act_order, cfg.damp, cfg.magr,
+                        cfg.magr_alpha)
+    n_layers = len(model.get_submodule(adapter.layers))
+    with progress_bar(quiet) as bar:
+        task = bar.add_task(f"quantize {cfg.bits}-bit", total=n_layers, info="")
+
+        def on_layer(i: int, total: int, summary: dict) -> None:
+            bar.update(task, advance=1, info=f"layer {i}: {summary['seconds']:.1f}s")
+            log.info("layer %d/%d done in %.1fs (loss %.4g)", i + 1, total,
+                     summary["seconds"], summary["quant_loss"])
+
+        t0 = time.perf_counter()
+        records, stats = quantize_layers(model, adapter, batches, opts, device, on_layer)
+        t_quant = time.perf_counter() - t0
+    del batches
+
+    run_info = {"config": cfg.to_dict(), "environment": environment(device)}
+    write_checkpoint(model, records, cfg.spec, cfg.zero_point, cfg.act_order, work, tokenizer,
+                     run_info)
+    result = {
+        **run_info,
+        "run_name": cfg.run_name,
+        "timing": {
+            "capture_seconds": t_capture,
+            "quantize_seconds": t_quant,
+            "init_seconds": sum(s["seconds_init"] for s in stats),
+            "solve_seconds": sum(s["seconds_solve"] for s in stats),
+            "magr_seconds": sum(s["seconds_magr"] for s in stats),
+        },
+        "totals": {
+            "quant_loss": sum(s["quant_loss"] for s in stats),
+            "diag_loss": sum(s["diag_loss"] for s in stats),
+            "linears": len(stats),
+        },
+        "layers": stats,
+        "checkpoint_bytes": sum(f.stat().st_size for f in work.glob("*.safetensors")),
+        "eval": {},
+    }
+    result["memory"] = peak_memory(device)
+    if cfg.eval_sets:
+        result["eval"]["ppl"] = evaluate_sets(model, tokenizer, cfg.eval_sets, cfg.eval_seqlen,
+                                              device, cfg.eval_windows, quiet)
+        model.to("cpu")
+    result["timing"]["total_seconds"] = time.perf_counter() - t_start
+    log.info("quantized %d linears in %.1fs", len(stats), t_quant)
+    return result
+
+
+def read_result(run_dir: Path) -> dict:
+    path = Path(run_dir) / "result.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} has no result.json (not a finished neuqi run)")
+    return json.loads(path.read_text())

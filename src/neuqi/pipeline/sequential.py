@@ -1,0 +1,202 @@
+"""Sequential calibration ("seq" mode): one decoder layer at a time.
+
+Inputs of layer 0 are captured once; for each layer every group of linears that
+shares an input ({q,k,v} → {o} → {gate,up} → {down}) gets one
+``H = mean(x xᵀ)``, computed with the earlier groups of the layer already
+quantized; the layer's quantized output becomes the next layer's input.  Only
+the layer being processed sits on the work device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from neuqi.formats.checkpoint import QuantizedLinear
+from neuqi.models.adapters import Adapter, decoder_layers
+from neuqi.quant import QuantSpec, dequantize, gptq_quantize
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised from a hook once it has what it needs; the rest of the forward is skipped."""
+
+
+@dataclass
+class Batch:
+    hidden: Tensor  # [b, seqlen, hidden] on the work device
+    kwargs: dict  # what the model passes every decoder layer (masks, rotary embeddings)
+
+
+@dataclass
+class QuantOptions:
+    spec: QuantSpec
+    init: str
+    method: str
+    act_order: bool
+    damp: float
+    magr: bool
+    magr_alpha: float | None
+
+
+def _to(obj, device):
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_layer0_inputs(
+    model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int, device: torch.device
+) -> list[Batch]:
+    """Run the embeddings on every calibration batch and catch layer 0's inputs."""
+    layers = decoder_layers(model, adapter)
+    moved = [model.get_submodule(adapter.embed)]
+    if adapter.rotary:
+        moved.append(model.get_submodule(adapter.rotary))
+    for m in moved:
+        m.to(device)
+    layer0 = layers[0]
+    caught: list[Batch] = []
+
+    def catch(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
+        kw["use_cache"] = False
+        caught.append(Batch(hidden.detach(), kw))
+        raise _StopForward
+
+    handle = layer0.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for i in range(0, windows.shape[0], batch_size):
+            try:
+                model(windows[i : i + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for m in moved:
+            m.to("cpu")
+    return caught
+
+
+class HessianAccumulator:
+    """``H = Σ x xᵀ / tokens`` over the inputs a linear sees (float64 accumulation)."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.H = torch.zeros(n, n, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.H += (x.t() @ x).double()
+        self.tokens += x.shape[0]
+
+    def mean(self) -> Tensor:
+        if self.tokens == 0:
+            raise RuntimeError("no calibration tokens reached this layer")
+        return self.H / self.tokens
+
+
+@torch.no_grad()
+def group_hessian(layer: nn.Module, first_linear: nn.Linear, batches: list[Batch]) -> Tensor:
+    """Forward the batches through ``layer`` only as far as ``first_linear``'s input."""
+    acc = HessianAccumulator(first_linear.in_features, batches[0].hidden.device)
+
+    def hook(_module, args):
+        acc.add(args[0])
+        raise _StopForward
+
+    handle = first_linear.register_forward_pre_hook(hook)
+    try:
+        for b in batches:
+            try:
+                layer(b.hidden, **b.kwargs)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return acc.mean()
+
+
+@torch.no_grad()
+def layer_outputs(layer: nn.Module, batches: list[Batch]) -> list[Batch]:
+    out = []
+    for b in batches:
+        h = layer(b.hidden, **b.kwargs)
+        h = h[0] if isinstance(h, tuple) else h
+        out.append(Batch(h, b.kwargs))
+    return out
+
+
+def quantize_linear(lin: nn.Linear, H: Tensor, opts: QuantOptions) -> tuple[QuantizedLinear, dict]:
+    """Quantize one linear in place (its weight becomes the de-quantized one)."""
+    res = gptq_quantize(
+        lin.weight.data.float(),
+        H,
+        opts.spec,
+        init=opts.init,  # type: ignore[arg-type]
+        algorithm=opts.method,  # type: ignore[arg-type]
+        act_order=opts.act_order,
+        damp=opts.damp,
+        magr=opts.magr,
+        magr_alpha=opts.magr_alpha,
+        param_dtype=torch.float16,
+    )
+    w_hat = dequantize(res.codes, res.params, opts.spec)
+    lin.weight.data.copy_(w_hat.to(lin.weight.dtype))
+    bias = lin.bias.detach().cpu().clone() if lin.bias is not None else None
+    record = QuantizedLinear(res.codes.cpu(), res.params.to("cpu"), bias)
+    return record, res.stats
+
+
+@torch.no_grad()
+def quantize_layers(
+    model: nn.Module,
+    adapter: Adapter,
+    batches: list[Batch],
+    opts: QuantOptions,
+    device: torch.device,
+    on_layer: Callable[[int, int, dict], None] | None = None,
+) -> tuple[dict[str, QuantizedLinear], list[dict]]:
+    """Quantize every decoder layer in order; returns the records and per-linear stats."""
+    layers = decoder_layers(model, adapter)
+    records: dict[str, QuantizedLinear] = {}
+    stats: list[dict] = []
+    for i, layer in enumerate(layers):
+        t0 = time.perf_counter()
+        layer.to(device)
+        for group in adapter.groups:
+            linears = [layer.get_submodule(name) for name in group]
+            H = group_hessian(layer, linears[0], batches)
+            for name, lin in zip(group, linears, strict=True):
+                full = f"{adapter.layers}.{i}.{name}"
+                record, st = quantize_linear(lin, H, opts)
+                records[full] = record
+                st.update(name=full, shape=list(lin.weight.shape))
+                stats.append(st)
+            del H
+        batches = layer_outputs(layer, batches)
+        layer.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        layer_stats = [s for s in stats if s["name"].startswith(f"{adapter.layers}.{i}.")]
+        summary = {
+            "layer": i,
+            "seconds": time.perf_counter() - t0,
+            "quant_loss": sum(s["quant_loss"] for s in layer_stats),
+        }
+        log.debug("layer %d: %.2fs, loss %.4g", i, summary["seconds"], summary["quant_loss"])
+        if on_layer is not None:
+            on_layer(i, len(layers), summary)
+    return records, stats
