@@ -82,7 +82,7 @@ def _hub_text(name: str, split: str) -> str:
         ds = datasets.load_dataset("allenai/c4", data_files={split: files[split]}, split=split)
         return "\n\n".join(ds["text"])
     except Exception as exc:
-        raise RuntimeError(f"{name} is not reachable here ({type(exc).__name__}); {OFFLINE_HINT}")
+        raise RuntimeError(f"{name} is not reachable here ({type(exc).__name__}); {OFFLINE_HINT}") from None
 
 
 def tokenize(text: str, tokenizer) -> torch.Tensor:

@@ -149,7 +149,11 @@ def _wiki_sample(cache: Path) -> str:
         elem.clear()
         if not title or not text or text.lstrip().lower().startswith("#redirect"):
             continue
-        plain = mwparserfromhell.parse(text).strip_code(normalize=True, collapse=True)
+        code = mwparserfromhell.parse(text)
+        for tag in code.filter_tags(recursive=False):
+            if str(tag.tag).strip().lower() in ("ref", "gallery", "math", "table"):
+                code.remove(tag)
+        plain = code.strip_code(normalize=True, collapse=True)
         plain = re.sub(r"\n{3,}", "\n\n", plain).strip()
         if len(plain) > 200:
             articles.append(f" = {title} = \n\n{plain}\n")

@@ -89,7 +89,7 @@ class RunConfig:
 def short_model_name(model: str) -> str:
     """``SmolLM2-135M-Instruct.Q4_1.gguf`` → ``smollm2-135m-instruct``; folders by name."""
     p = Path(model)
-    name = p.name if not p.suffix == ".gguf" else p.stem.split(".")[0]
+    name = p.name if p.suffix != ".gguf" else p.stem.split(".")[0]
     return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-") or "model"
 
 

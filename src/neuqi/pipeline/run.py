@@ -153,18 +153,21 @@ def quantize_model(cfg: RunConfig, quiet: bool = False) -> Path:
     return final
 
 
-def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool) -> dict:
-    t_start = time.perf_counter()
-    log.info("run %s on %s (%s)", cfg.run_name, device, dtype)
-    model = load_model(cfg.model, dtype)
-    tokenizer = load_tokenizer(cfg.model)
-    adapter = adapter_for(model.config.model_type)
+def check_finite_model(model) -> None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise ValueError(f"the model's {name} holds NaN/inf values; refusing to quantize it")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
+
+def calibrate_and_quantize(
+    cfg: RunConfig, model, tokenizer, device: torch.device, quiet: bool = True
+) -> tuple[dict, list[dict], dict]:
+    """Quantize ``model`` in place (weights become de-quantized ones).
+
+    Returns ``(records, per-linear stats, timing)``; ``records`` feed the checkpoint.
+    """
+    adapter = adapter_for(model.config.model_type)
+    check_finite_model(model)
     t0 = time.perf_counter()
     windows = calibration_windows(cfg, tokenizer)
     batches = capture_layer0_inputs(model, adapter, windows, cfg.batch_size, device)
@@ -183,7 +186,24 @@ def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool) -> di
         t0 = time.perf_counter()
         records, stats = quantize_layers(model, adapter, batches, opts, device, on_layer)
         t_quant = time.perf_counter() - t0
-    del batches
+    timing = {
+        "capture_seconds": t_capture,
+        "quantize_seconds": t_quant,
+        "init_seconds": sum(s["seconds_init"] for s in stats),
+        "solve_seconds": sum(s["seconds_solve"] for s in stats),
+        "magr_seconds": sum(s["seconds_magr"] for s in stats),
+    }
+    return records, stats, timing
+
+
+def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool) -> dict:
+    t_start = time.perf_counter()
+    log.info("run %s on %s (%s)", cfg.run_name, device, dtype)
+    model = load_model(cfg.model, dtype)
+    tokenizer = load_tokenizer(cfg.model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    records, stats, timing = calibrate_and_quantize(cfg, model, tokenizer, device, quiet)
 
     run_info = {"config": cfg.to_dict(), "environment": environment(device)}
     write_checkpoint(model, records, cfg.spec, cfg.zero_point, cfg.act_order, work, tokenizer,
@@ -191,13 +211,7 @@ def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool) -> di
     result = {
         **run_info,
         "run_name": cfg.run_name,
-        "timing": {
-            "capture_seconds": t_capture,
-            "quantize_seconds": t_quant,
-            "init_seconds": sum(s["seconds_init"] for s in stats),
-            "solve_seconds": sum(s["seconds_solve"] for s in stats),
-            "magr_seconds": sum(s["seconds_magr"] for s in stats),
-        },
+        "timing": timing,
         "totals": {
             "quant_loss": sum(s["quant_loss"] for s in stats),
             "diag_loss": sum(s["diag_loss"] for s in stats),
@@ -213,7 +227,7 @@ def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool) -> di
                                               device, cfg.eval_windows, quiet)
         model.to("cpu")
     result["timing"]["total_seconds"] = time.perf_counter() - t_start
-    log.info("quantized %d linears in %.1fs", len(stats), t_quant)
+    log.info("quantized %d linears in %.1fs", len(stats), timing["quantize_seconds"])
     return result
 
 

@@ -9,6 +9,7 @@ the layer being processed sits on the work device.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -79,10 +80,8 @@ def capture_layer0_inputs(
     handle = layer0.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for i in range(0, windows.shape[0], batch_size):
-            try:
+            with contextlib.suppress(_StopForward):
                 model(windows[i : i + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
         for m in moved:
@@ -120,10 +119,8 @@ def group_hessian(layer: nn.Module, first_linear: nn.Linear, batches: list[Batch
     handle = first_linear.register_forward_pre_hook(hook)
     try:
         for b in batches:
-            try:
+            with contextlib.suppress(_StopForward):
                 layer(b.hidden, **b.kwargs)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     return acc.mean()

@@ -1,0 +1,157 @@
+"""Command line: parses arguments and calls one function per command."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="NeUQI quantization of Hugging Face causal LMs.")
+console = Console()
+
+DEFAULT_EVAL = "wiki-sample,brown"
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+        force=True,
+    )
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+def _split(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="local HF model folder or .gguf file")],
+    bits: Annotated[int, typer.Option(help="2, 3, 4 or 8")] = 3,
+    group_size: Annotated[int, typer.Option(help="-1 = channel-wise")] = 128,
+    method: Annotated[str, typer.Option(help="rtn | gptq | ldlq")] = "ldlq",
+    init: Annotated[str, typer.Option(help="minmax | mse | neuqi | neuqi_int")] = "neuqi",
+    magr: Annotated[bool, typer.Option(help="MagR preprocessing")] = False,
+    alpha: Annotated[float | None, typer.Option(help="MagR alpha")] = None,
+    act_order: Annotated[bool, typer.Option(help="H reorder")] = True,
+    damp: float = 0.01,
+    calib: Annotated[str, typer.Option(help="c4-sample | wiki-extra | c4 | FILE")] = "c4-sample",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    batch_size: int = 1,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    seed: int = 0,
+    out_dir: Path = Path("runs"),
+    eval: Annotated[str, typer.Option(help="perplexity sets after quantizing, '' for none")] = "",
+    eval_seqlen: int = 2048,
+    eval_windows: Annotated[int | None, typer.Option(help="cap on windows per set")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Quantize MODEL layer by layer and save a packed checkpoint under OUT_DIR/RUN_NAME."""
+    from neuqi.pipeline.config import RunConfig
+    from neuqi.pipeline.run import quantize_model
+
+    _setup_logging(quiet)
+    try:
+        cfg = RunConfig(model=model, bits=bits, group_size=group_size, method=method, init=init,
+                        magr=magr, magr_alpha=alpha, act_order=act_order, damp=damp, calib=calib,
+                        nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, dtype=dtype,
+                        device=device, seed=seed, out_dir=str(out_dir), eval_sets=_split(eval),
+                        eval_seqlen=eval_seqlen, eval_windows=eval_windows)
+        run_dir = quantize_model(cfg, quiet=quiet)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        _fail(exc)
+        return
+    console.print(f"[green]done:[/] {run_dir}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="FP model, .gguf, or a neuqi run folder")],
+    ppl: Annotated[str, typer.Option(help="wiki-sample,brown,wiki-extra,wikitext2,c4,FILE")] = DEFAULT_EVAL,
+    seqlen: int = 2048,
+    windows: Annotated[int | None, typer.Option(help="cap on windows per set")] = None,
+    kl: Annotated[str | None, typer.Option(help="FP model to measure KL / top-1 against")] = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Perplexity (and optionally KL from the FP model); results merge into a run's result.json."""
+    from neuqi.eval.run import evaluate_model
+
+    _setup_logging(quiet)
+    try:
+        res = evaluate_model(model, _split(ppl), seqlen, windows, kl, device, dtype, quiet)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        _fail(exc)
+        return
+    table = Table(title=f"perplexity, seqlen {seqlen}")
+    table.add_column("set")
+    table.add_column("ppl", justify="right")
+    table.add_column("windows", justify="right")
+    for name, r in res["ppl"].items():
+        table.add_row(name, f"{r['ppl']:.3f}" if "ppl" in r else r.get("error", "?"),
+                      str(r.get("windows", "")))
+    console.print(table)
+    for name, r in res.get("kl", {}).items():
+        console.print(f"KL({name}) = {r['kl']:.5f}, top-1 agreement {r['top1_agreement']:.4f}")
+
+
+@app.command()
+def info(
+    path: Annotated[Path | None, typer.Argument(help="a run folder (default: the data cache)")] = None,
+) -> None:
+    """Show where the data cache is, or a run's settings and results."""
+    from neuqi.data.cache import cache_dir
+
+    if path is None:
+        cache = cache_dir()
+        console.print(f"cache: {cache}")
+        for p in sorted((cache / "models").glob("*")) + sorted((cache / "text").glob("*.txt")):
+            console.print(f"  {p}")
+        return
+    res_path = path / "result.json"
+    if not res_path.exists():
+        _fail(FileNotFoundError(f"{path} has no result.json"))
+    res = json.loads(res_path.read_text())
+    console.print_json(json.dumps({k: v for k, v in res.items() if k != "layers"}, default=str))
+
+
+@app.command()
+def demo(
+    cache: Annotated[Path | None, typer.Option(help="data cache folder")] = None,
+    out_dir: Path = Path("runs"),
+    nsamples: int = 32,
+    seqlen: int = 512,
+    eval_windows: int = 16,
+) -> None:
+    """The README's first command: SmolLM2-135M to 3-bit g64 with NeUQI+LDLQ, FP vs quantized."""
+    from neuqi.demo import run_demo
+
+    _setup_logging(False)
+    try:
+        run_demo(cache, out_dir, nsamples, seqlen, eval_windows, console)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        _fail(exc)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
