@@ -22,7 +22,7 @@ def test_bad_sources_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unsupported"):
         load_text(str(tmp_path / "x.csv"))
     (tmp_path / "bad.jsonl").write_text("{not json\n")
-    with pytest.raises(ValueError, match="bad.jsonl:1"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
         load_text(str(tmp_path / "bad.jsonl"))
 
 

@@ -1,0 +1,139 @@
+"""End to end on tiny random-initialised LLaMA and Qwen2 models."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import neuqi
+from neuqi.formats.checkpoint import write_checkpoint
+from neuqi.models.loading import load_model, load_tokenizer
+from neuqi.pipeline import run as run_mod
+from neuqi.pipeline.config import RunConfig
+from neuqi.pipeline.run import calibrate_and_quantize, quantize_model
+
+from ..conftest import make_tiny_model
+
+
+def tiny_config(model, calib, out, **kw) -> RunConfig:
+    base = dict(model=str(model), bits=3, group_size=48, calib=str(calib), nsamples=4, seqlen=64,
+                out_dir=str(out), device="cpu")
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_loaded_checkpoint_reproduces_the_in_memory_quantized_model(tiny_model, calib_file, tmp_path):
+    cfg = tiny_config(tiny_model, calib_file, tmp_path / "runs")
+    model = load_model(tiny_model)
+    tok = load_tokenizer(tiny_model)
+    fp_logits = model(torch.arange(40)[None]).logits
+    records, stats, _ = calibrate_and_quantize(cfg, model, tok, torch.device("cpu"))
+    assert len(records) == 2 * 7 and all(s["quant_loss"] >= 0 for s in stats)
+    x = torch.randint(0, 320, (2, 40))
+    expected = model(x).logits
+    assert not torch.allclose(model(torch.arange(40)[None]).logits, fp_logits)  # it did change
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    write_checkpoint(model, records, cfg.spec, cfg.zero_point, cfg.act_order, out, tok)
+    for loaded in (neuqi.load(out), AutoModelForCausalLM.from_pretrained(out)):
+        assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "QuantLinear"
+        torch.testing.assert_close(loaded(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_writes_a_complete_run_directory(calib_file, tmp_path):
+    model = make_tiny_model(tmp_path / "tiny-llama", "llama")
+    cfg = tiny_config(model, calib_file, tmp_path / "runs", eval_sets=[str(calib_file)],
+                      eval_seqlen=64, eval_windows=2)
+    run_dir = quantize_model(cfg, quiet=True)
+    assert run_dir.name == "tiny-llama.calib.n4.L64.LDLQ.3bit.g48.Hsort.neuqi"
+    files = {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "result.json", "quantize.log", "tokenizer.json"} <= files
+    res = json.loads((run_dir / "result.json").read_text())
+    assert res["config"]["bits"] == 3 and res["totals"]["linears"] == 14
+    assert res["eval"]["ppl"][str(calib_file)]["ppl"] > 1
+    assert res["memory"]["peak_rss_mb"] > 0
+    qc = json.loads((run_dir / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "neuqi" and qc["zero_point"] == "float" and qc["group_size"] == 48
+    assert not list((tmp_path / "runs").glob(".*"))  # no partial folder left behind
+
+
+@pytest.mark.parametrize("init,zp", [("neuqi_int", "int"), ("minmax", "int")])
+def test_integer_zero_runs_store_packed_zeros(init, zp, calib_file, tmp_path):
+    model = make_tiny_model(tmp_path / "tiny-qwen2", "qwen2")
+    cfg = tiny_config(model, calib_file, tmp_path / "runs", init=init, bits=2, group_size=-1)
+    run_dir = quantize_model(cfg, quiet=True)
+    from safetensors import safe_open
+
+    with safe_open(run_dir / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.self_attn.q_proj.qzeros" in keys
+    assert "model.layers.0.self_attn.q_proj.bias" in keys  # Qwen2 has q/k/v biases
+    assert json.loads((run_dir / "config.json").read_text())["quantization_config"]["zero_point"] == zp
+
+
+def test_an_interrupted_run_leaves_earlier_results_intact(calib_file, tmp_path, monkeypatch):
+    model = make_tiny_model(tmp_path / "tiny-llama", "llama")
+    cfg = tiny_config(model, calib_file, tmp_path / "runs", init="minmax")
+    run_dir = quantize_model(cfg, quiet=True)
+    before = (run_dir / "result.json").read_text()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, "quantize_layers", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(cfg, quiet=True)
+    assert (run_dir / "result.json").read_text() == before
+    assert not list((tmp_path / "runs").glob(".*partial"))
+
+
+def test_unsupported_architecture_names_the_supported_ones(calib_file, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320)).save_pretrained(tmp_path / "g")
+    from ..conftest import _tiny_tokenizer
+
+    _tiny_tokenizer().save_pretrained(tmp_path / "g")
+    cfg = tiny_config(tmp_path / "g", calib_file, tmp_path / "runs")
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*llama"):
+        quantize_model(cfg, quiet=True)
+
+
+def test_bad_inputs_get_clear_errors(calib_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        quantize_model(tiny_config(tmp_path / "nope", calib_file, tmp_path / "runs"), quiet=True)
+    with pytest.raises(FileNotFoundError, match="does not download"):
+        quantize_model(tiny_config("HuggingFaceTB/SmolLM2-135M", calib_file, tmp_path / "r"), quiet=True)
+    with pytest.raises(ValueError, match="bits"):
+        tiny_config(tmp_path, calib_file, tmp_path, bits=1)
+    with pytest.raises(ValueError, match="group_size"):
+        tiny_config(tmp_path, calib_file, tmp_path, group_size=0)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    model = make_tiny_model(tmp_path / "tiny", "llama")
+    with pytest.raises(ValueError, match="not writable"):
+        quantize_model(tiny_config(model, calib_file, blocker / "runs"), quiet=True)
+
+
+def test_nan_weights_are_refused(calib_file, tmp_path):
+    folder = make_tiny_model(tmp_path / "tiny", "llama")
+    m = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        m.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    m.save_pretrained(folder)
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_model(tiny_config(folder, calib_file, tmp_path / "runs"), quiet=True)
+
+
+def test_corrupt_or_truncated_checkpoints_are_reported(calib_file, tmp_path):
+    model = make_tiny_model(tmp_path / "tiny", "llama")
+    run_dir = quantize_model(tiny_config(model, calib_file, tmp_path / "runs", init="minmax"), quiet=True)
+    st = run_dir / "model.safetensors"
+    data = st.read_bytes()
+    st.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        neuqi.load(run_dir)
+    st.unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        neuqi.load(run_dir)
