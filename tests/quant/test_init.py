@@ -112,7 +112,7 @@ def test_mse_and_neuqi_int_keep_integer_zero_points_in_range():
     spec = QuantSpec(3, 16)
     w = torch.randn(16, 64)
     for m in ("minmax", "mse", "neuqi_int"):
-        p = init_params(w, spec, m, torch.rand(64), grid=64)
+        p = init_params(w, spec, m, torch.rand(64))
         assert torch.equal(p.zero, p.zero.round())
         assert p.zero.min() >= 0 and p.zero.max() <= spec.maxq
 
@@ -125,3 +125,30 @@ def test_compiled_sweep_matches_eager(monkeypatch):
     compiled = torch.compile(init_mod._best_zero_chunk, dynamic=True)
     got = compiled(u, h, 7)
     assert torch.allclose(ref[1], got[1], rtol=1e-6)
+
+
+def integer_zero_grid_reference(w, spec, h, grid=2048):
+    """The reference NeUQI_int: 2048 scales in (0, s₀] × every integer zero."""
+    wg, hg, _ = init_mod.to_groups(w, spec, h)
+    s0 = init_mod.minmax_scale(wg, spec.maxq)
+    zs = torch.arange(spec.maxq + 1.0)
+    best = torch.full((wg.shape[0],), float("inf"), dtype=torch.float64)
+    for i in range(1, grid + 1):
+        s = s0 * (i / grid)
+        t = wg[:, None, :] / s[:, None, None] + zs[None, :, None]
+        err = t - torch.clamp(torch.round(t), 0, spec.maxq)
+        loss = ((hg[:, None, :] * err * err).sum(2).min(1).values * s * s).double()
+        best = torch.minimum(best, loss)
+    return best
+
+
+@pytest.mark.parametrize("bits,group", [(2, 32), (3, 64), (4, -1)])
+def test_neuqi_int_sweep_is_never_worse_than_the_reference_grid(bits, group):
+    spec = QuantSpec(bits, group)
+    w = torch.distributions.StudentT(4.0).sample((24, 128)) * 0.02
+    h = torch.rand(128) ** 2 + 0.01
+    p = init_params(w, spec, "neuqi_int", h)
+    ours = group_weighted_error(w, fake_quantize(w, p, spec), spec, h).flatten().double()
+    ref = integer_zero_grid_reference(w, spec, h)
+    assert (ours <= ref * (1 + 1e-5)).all()
+    assert ours.sum() < ref.sum()  # the continuous scale finds strictly better points
