@@ -91,12 +91,13 @@ def test_an_interrupted_run_leaves_earlier_results_intact(calib_file, tmp_path, 
 def test_unsupported_architecture_names_the_supported_ones(calib_file, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320)).save_pretrained(tmp_path / "g")
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320))
+    gpt2.save_pretrained(tmp_path / "g")
     from ..conftest import _tiny_tokenizer
 
     _tiny_tokenizer().save_pretrained(tmp_path / "g")
     cfg = tiny_config(tmp_path / "g", calib_file, tmp_path / "runs")
-    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*llama"):
+    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2'.*llama"):
         quantize_model(cfg, quiet=True)
 
 

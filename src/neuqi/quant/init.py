@@ -81,34 +81,36 @@ def minmax_scale(wg: Tensor, maxq: int) -> Tensor:
 
 
 # -------------------------------------------------------------------- best zero-point
-def _sweep_fn():
-    """The sweep, compiled once per process by ``torch.compile`` when possible.
+_COMPILED: dict[str, object] = {}
 
-    Fusing its elementwise passes is ~4x faster on CPU (measured on 55k groups of 64);
-    ``NEUQI_COMPILE=0`` or a failing compiler falls back to eager mode.
+
+def _compiled(fn):
+    """``fn`` compiled once per process by ``torch.compile`` when possible.
+
+    Fusing the sweeps' elementwise passes is ~4x faster on CPU (measured on 55k
+    groups of 64); ``NEUQI_COMPILE=0`` or a failing compiler falls back to eager.
     """
-    global _SWEEP
-    if _SWEEP is None:
-        _SWEEP = _best_zero_chunk
-        if os.environ.get("NEUQI_COMPILE", "1") != "0":
-            try:
-                _SWEEP = torch.compile(_best_zero_chunk, dynamic=True)
-            except Exception as exc:  # pragma: no cover - depends on the toolchain
-                log.warning("torch.compile unavailable (%s); using eager NeUQI sweep", exc)
-    return _SWEEP
+    if os.environ.get("NEUQI_COMPILE", "1") == "0":
+        return fn
+    if fn.__name__ not in _COMPILED:
+        try:
+            _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True)
+        except Exception as exc:  # pragma: no cover - depends on the toolchain
+            log.warning("torch.compile unavailable (%s); using eager sweeps", exc)
+            _COMPILED[fn.__name__] = fn
+    return _COMPILED[fn.__name__]
 
 
-def _run_sweep(u: Tensor, h: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
-    global _SWEEP
-    fn = _sweep_fn()
-    if fn is _best_zero_chunk:
-        return fn(u, h, maxq)
+def _run_sweep(fn, *args):
+    compiled = _compiled(fn)
+    if compiled is fn:
+        return fn(*args)
     try:
-        return fn(u, h, maxq)
+        return compiled(*args)
     except Exception as exc:  # pragma: no cover - depends on the toolchain
-        log.warning("compiled NeUQI sweep failed (%s); falling back to eager", exc)
-        _SWEEP = _best_zero_chunk
-        return _best_zero_chunk(u, h, maxq)
+        log.warning("compiled sweep failed (%s); falling back to eager", exc)
+        _COMPILED[fn.__name__] = fn
+        return fn(*args)
 
 
 def _chunked(u: Tensor, h: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
@@ -118,13 +120,10 @@ def _chunked(u: Tensor, h: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
     chunk = max(1, budget // (n * maxq))
     zs, losses = [], []
     for start in range(0, G, chunk):
-        z, loss = _run_sweep(u[start : start + chunk], h[start : start + chunk], maxq)
+        z, loss = _run_sweep(_best_zero_chunk, u[start : start + chunk], h[start : start + chunk], maxq)
         zs.append(z)
         losses.append(loss)
     return torch.cat(zs), torch.cat(losses)
-
-
-_SWEEP = None
 
 
 def best_zero(u: Tensor, h: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
@@ -252,14 +251,23 @@ def _init_neuqi(
     coarse: int = NEUQI_COARSE,
     fine: int = NEUQI_FINE,
     max_ratio: float = NEUQI_MAX_RATIO,
+    refine: str = "exact",
+    rounds: int = 2,
 ) -> tuple[Tensor, Tensor]:
-    """Coarse-to-fine scale grid (multiples of s₀), exact best float zero per scale.
+    """Coarse scale grid (multiples of s₀) with the exact best float zero per scale,
+    then refinement around the best.
 
-    Candidates are ``s₀·i/coarse`` up to ``max_ratio·s₀``, then ``±(fine/coarse)/2``
-    steps of ``s₀/fine`` around the best.  A group skips a candidate only when a
-    lower bound of its loss there already exceeds its best, so the result equals
-    trying every candidate.  Coarse candidates go from large to small, so good
-    ones are found early and the bound prunes most small scales.
+    Coarse candidates are ``s₀·i/coarse`` up to ``max_ratio·s₀``.  A group skips a
+    candidate only when a lower bound of its loss there already exceeds its best,
+    so the result equals trying every candidate; they go from large to small, so
+    good ones are found early and the bound prunes most small scales.
+
+    ``refine="grid"`` is the reference's fine stage (``±(fine/coarse)/2`` steps of
+    ``s₀/fine``).  ``refine="exact"`` (default) alternates, ``rounds`` times, the
+    exact best scale for the current zero (:func:`_scale_sweep_chunk`) and the exact
+    best zero for that scale: continuous instead of a grid, never worse than the
+    coarse optimum, and measured both lower-loss and ~1.6x faster on a
+    1536×576 heavy-tailed layer at 3-bit g64.
     """
     s0 = minmax_scale(wg, maxq)
     spans, hp = _pair_bound_terms(wg, hg)
@@ -286,46 +294,79 @@ def _init_neuqi(
     for i in range(top, 0, -1):
         if i != coarse:  # s0 itself was evaluated above
             consider(s0 * (i / coarse))
-    centre = best_s.clone()
-    half = (fine // coarse) // 2
-    for k in range(-half, half + 1):
-        if k == 0:
-            continue
-        s = centre + s0 * (k / fine)
-        s = torch.where(s > 0, s, centre)  # never a non-positive scale
-        consider(s)
+    if refine == "grid":
+        centre = best_s.clone()
+        half = (fine // coarse) // 2
+        for k in range(-half, half + 1):
+            if k == 0:
+                continue
+            s = centre + s0 * (k / fine)
+            s = torch.where(s > 0, s, centre)  # never a non-positive scale
+            consider(s)
+        return best_s, best_z
+    # "exact": alternate the exact best scale for the zero and the exact best zero
+    # for the scale; each step can only lower the loss (continuous, no grid).
+    for _ in range(rounds):
+        s_new = _chunked_scale_sweep(wg, hg, maxq, best_z[:, None])
+        ok = torch.isfinite(s_new) & (s_new > 0)
+        consider(torch.where(ok, s_new, best_s))
     return best_s, best_z
 
 
-def _int_zero_sweep_chunk(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact ``min over integer z ∈ 0..maxq and every scale s > 0`` for a chunk of groups.
+def _chunked_scale_sweep(wg: Tensor, hg: Tensor, maxq: int, zeros: Tensor) -> Tensor:
+    G, n = wg.shape
+    budget = _CHUNK_ELEMENTS.get(wg.device.type, 1 << 20)
+    chunk = max(1, budget // (n * maxq * zeros.shape[1]))
+    out = [
+        _run_sweep(_scale_sweep_chunk, wg[i : i + chunk], hg[i : i + chunk], maxq, zeros[i : i + chunk])[0]
+        for i in range(0, G, chunk)
+    ]
+    return torch.cat(out)
 
-    With z fixed, write ``r = 1/s``: code ``q_j = clamp(round(w_j r + z))`` changes
-    by ±1 at ``r = (k + ½ − z)/w_j``; between those breakpoints every ``c_j = q_j − z``
-    is fixed and ``L(s) = Σhw² − 2sP + s²Q`` with ``P = Σh w c``, ``Q = Σh c²``, a
-    convex quadratic in s minimised at ``P/Q`` (clamped to the piece).  One sorted
-    sweep per (group, z) visits every piece.  Returns ``(scale, zero, loss)``.
+
+def _scale_sweep_chunk(
+    wg: Tensor, hg: Tensor, maxq: int, zeros: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact ``min over every scale s > 0`` for each candidate zero-point, best kept.
+
+    ``zeros: [G, Z]`` candidate zero-points per group (any floats); None means
+    every integer in ``0..maxq``.  With z fixed, write ``r = 1/s``: code
+    ``q_j = clamp(round(w_j r + z))`` changes by ±1 at ``r = (k + ½ − z)/w_j``;
+    between those breakpoints every ``c_j = q_j − z`` is fixed and
+    ``L(s) = Σhw² − 2sP + s²Q`` with ``P = Σh w c``, ``Q = Σh c²``, a convex
+    quadratic in s minimised at ``P/Q`` (clamped to the piece).  One sorted sweep
+    per (group, z) visits every piece.  Returns ``(scale, zero, loss)``.
     """
     w = wg.double()
     h = hg.double()
-    G, n = w.shape
-    Z = maxq + 1
-    z = torch.arange(Z, device=w.device, dtype=torch.float64)[None, :, None, None]
+    G = w.shape[0]
+    if zeros is None:
+        zeros = torch.arange(maxq + 1, device=w.device, dtype=torch.float64).expand(G, -1)
+    zeros = zeros.double()
+    Z = zeros.shape[1]
+    z = zeros[:, :, None, None]
     k = torch.arange(maxq, device=w.device, dtype=torch.float64)[None, None, None, :]
     wj = w[:, None, :, None]
     hj = h[:, None, :, None]
     r = (k + 0.5 - z) / wj  # [G, Z, n, maxq]
     valid = (r > 0) & torch.isfinite(r)
+    # c = q − z changes from c_old to c_new at the breakpoint; at s → ∞ every
+    # q_j = clamp(round(z)), so c starts at clamp(round(z)) − z for all elements.
     pos = wj > 0
     c_old = torch.where(pos, k - z, k + 1 - z)
     c_new = torch.where(pos, k + 1 - z, k - z)
+    q_inf = torch.clamp(torch.round(zeros), 0, maxq)[:, :, None]  # [G, Z, 1]
+    valid = valid & torch.where(pos, k >= q_inf[..., None], k < q_inf[..., None])
     d_p = torch.where(valid, hj * wj * (c_new - c_old), 0.0).reshape(G, Z, -1)
     d_q = torch.where(valid, hj * (c_new * c_new - c_old * c_old), 0.0).reshape(G, Z, -1)
     r = torch.where(valid, r, torch.inf).reshape(G, Z, -1)
     r, order = torch.sort(r, dim=2)
     zero = torch.zeros(G, Z, 1, dtype=torch.float64, device=w.device)
-    p = torch.cat([zero, torch.cumsum(torch.gather(d_p, 2, order), dim=2)], dim=2)
-    q = torch.cat([zero, torch.cumsum(torch.gather(d_q, 2, order), dim=2)], dim=2)
+    c0 = q_inf - zeros[:, :, None]  # [G, Z, 1]
+    p0 = (h * w).sum(dim=1)[:, None, None] * c0
+    q0 = h.sum(dim=1)[:, None, None] * c0 * c0
+    p = torch.cat([p0, p0 + torch.cumsum(torch.gather(d_p, 2, order), dim=2)], dim=2)
+    q = torch.cat([q0, q0 + torch.cumsum(torch.gather(d_q, 2, order), dim=2)], dim=2)
     inf = torch.full_like(zero, torch.inf)
     r_lo = torch.cat([zero, r], dim=2)  # piece i spans r in [r_lo, r_hi]
     r_hi = torch.cat([r, inf], dim=2)
@@ -339,7 +380,7 @@ def _int_zero_sweep_chunk(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Te
     loss = torch.where(torch.isnan(s_star), torch.inf, loss).reshape(G, -1)
     best = loss.argmin(dim=1)
     scale = s_star.reshape(G, -1).gather(1, best[:, None]).squeeze(1)
-    zero_pt = torch.div(best, p.shape[2], rounding_mode="floor").to(torch.float64)
+    zero_pt = zeros.gather(1, torch.div(best, p.shape[2], rounding_mode="floor")[:, None]).squeeze(1)
     return scale.to(wg.dtype), zero_pt.to(wg.dtype), loss.gather(1, best[:, None]).squeeze(1)
 
 
@@ -347,7 +388,7 @@ def _init_neuqi_int(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
     """NeUQI_int: best integer zero in ``0..maxq`` with the exactly best scale for it.
 
     The reference searches a grid of 2048 scales in ``(0, s₀]``; the sweep of
-    :func:`_int_zero_sweep_chunk` finds the optimum over every scale instead, at a
+    :func:`_scale_sweep_chunk` finds the optimum over every scale instead, at a
     fraction of the cost.  Min-max is kept where it is (numerically) no worse.
     """
     G, n = wg.shape
@@ -355,7 +396,7 @@ def _init_neuqi_int(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
     chunk = max(1, budget // (n * maxq * (maxq + 1)))
     scales, zeros = [], []
     for start in range(0, G, chunk):
-        s, z, _ = _int_zero_sweep_chunk(wg[start : start + chunk], hg[start : start + chunk], maxq)
+        s, z, _ = _run_sweep(_scale_sweep_chunk, wg[start : start + chunk], hg[start : start + chunk], maxq)
         scales.append(s)
         zeros.append(z)
     scale, zero = torch.cat(scales), torch.cat(zeros)
