@@ -1,0 +1,112 @@
+"""Perplexity table on SmolLM2-135M: FP vs RTN, GPTQ-minmax, MagR, NeUQI_int, NeUQI.
+
+    python bench/ppl_table.py [--nsamples 32 --seqlen 512 --eval-windows 8]
+
+Every quantized run is a normal ``neuqi quantize`` run (saved under --out-dir and
+reused when it already exists, so an interrupted bench resumes).  Writes
+``bench/results/ppl_table.{json,md}``.  One torch process at a time: timings are
+wall-clock on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from neuqi.data.cache import cache_dir
+from neuqi.data.fetch import fetch_model
+from neuqi.models.loading import load_model, load_tokenizer
+from neuqi.pipeline.config import RunConfig, resolve_device, resolve_dtype
+from neuqi.pipeline.run import evaluate_sets, quantize_model, read_result
+
+# (label, method, init, magr)
+METHODS = [
+    ("RTN", "rtn", "minmax", False),
+    ("GPTQ-minmax (LDLQ+Hsort)", "ldlq", "minmax", False),
+    ("MagR+LDLQ", "ldlq", "minmax", True),
+    ("NeUQI_int+LDLQ", "ldlq", "neuqi_int", False),
+    ("NeUQI+LDLQ", "ldlq", "neuqi", False),
+]
+# (bits, group size, which methods)
+CONFIGS = [
+    (3, 64, None),
+    (2, 64, None),
+    (3, -1, None),
+    (3, 128, ("GPTQ-minmax (LDLQ+Hsort)", "NeUQI+LDLQ")),
+]
+SETS = ["wiki-sample", "brown"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="default: the cached SmolLM2-135M")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--out-dir", default="bench/results/runs")
+    ap.add_argument("--results", default="bench/results")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    model = args.model or str(fetch_model(cache_dir()))
+    device = resolve_device("auto")
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    fp_path = out / "fp_ppl.json"
+    if fp_path.exists():
+        fp = json.loads(fp_path.read_text())
+    else:
+        fp = evaluate_sets(load_model(model, resolve_dtype("auto", device)), load_tokenizer(model),
+                           SETS, 2048, device, args.eval_windows)
+        fp_path.write_text(json.dumps(fp, indent=2))
+    rows.append({"label": "FP", "bits": 16, "group": "-", "ppl": {k: v["ppl"] for k, v in fp.items()}})
+    _write(rows, out, args)
+    for bits, group, only in CONFIGS:
+        for label, method, init, magr in METHODS:
+            if only and label not in only:
+                continue
+            cfg = RunConfig(model=model, bits=bits, group_size=group, method=method, init=init, magr=magr,
+                            nsamples=args.nsamples, seqlen=args.seqlen, out_dir=args.out_dir,
+                            eval_sets=SETS, eval_windows=args.eval_windows)
+            run_dir = Path(args.out_dir) / cfg.run_name
+            t0 = time.time()
+            if not (run_dir / "result.json").exists():
+                quantize_model(cfg, quiet=True)
+            res = read_result(run_dir)
+            rows.append({
+                "label": label, "bits": bits, "group": "ch" if group == -1 else f"g{group}",
+                "run": cfg.run_name,
+                "ppl": {k: v.get("ppl") for k, v in res["eval"]["ppl"].items()},
+                "quantize_seconds": res["timing"]["quantize_seconds"],
+                "init_seconds": res["timing"]["init_seconds"],
+                "peak_rss_mb": res["memory"]["peak_rss_mb"],
+                "checkpoint_mb": res["checkpoint_bytes"] / 2**20,
+            })
+            print(f"{label:28s} {bits}bit {rows[-1]['group']:5s} "
+                  + " ".join(f"{k}={v:.3f}" for k, v in rows[-1]["ppl"].items())
+                  + f"  ({time.time() - t0:.0f}s)", flush=True)
+            _write(rows, out, args)
+
+
+def _write(rows: list[dict], out: Path, args) -> None:
+    (out / "ppl_table.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
+    lines = [
+        f"SmolLM2-135M, calibration c4-sample {args.nsamples}×{args.seqlen} tokens, perplexity on the "
+        f"first {args.eval_windows} windows of 2048 tokens (`python bench/ppl_table.py`).",
+        "",
+        "| method | bits | group | " + " | ".join(SETS) + " | quantize s | init s | peak RSS MB | ckpt MB |",
+        "|---|---|---|" + "---|" * len(SETS) + "---|---|---|---|",
+    ]
+    for r in rows:
+        ppl = " | ".join(f"{r['ppl'].get(s, float('nan')):.2f}" for s in SETS)
+        extra = (f"{r['quantize_seconds']:.0f} | {r['init_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
+                 f"{r['checkpoint_mb']:.0f}") if "run" in r else "- | - | - | -"
+        lines.append(f"| {r['label']} | {r['bits']} | {r['group']} | {ppl} | {extra} |")
+    (out / "ppl_table.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""On the real default model (SmolLM2-135M from the data cache, fetched by `make data`)."""
+
+import os
+
+import pytest
+import torch
+
+import neuqi
+from neuqi.data.cache import cache_dir
+from neuqi.data.corpora import consecutive_windows, load_text, sample_windows, tokenize
+from neuqi.eval.perplexity import perplexity
+from neuqi.models.adapters import adapter_for
+from neuqi.models.loading import load_model, load_tokenizer
+from neuqi.pipeline.config import RunConfig
+from neuqi.pipeline.run import quantize_model
+from neuqi.pipeline.sequential import capture_layer0_inputs, group_hessian
+from neuqi.quant import QuantSpec, fake_quantize, gptq_quantize, group_weighted_error, init_params
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = cache_dir() / "models" / "smollm2-135m"
+    if not (path / "model.safetensors").exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: `make test` fetches it with `make data`")
+        pytest.skip("SmolLM2 not in the data cache (run `make data`)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def real_layer(smollm2):
+    """Layer 3's weights and real H (c4-sample calibration, 8 × 256 tokens)."""
+    model = load_model(smollm2)
+    tok = load_tokenizer(smollm2)
+    adapter = adapter_for(model.config.model_type)
+    ids = tokenize(load_text("c4-sample")[:200_000], tok)
+    batches = capture_layer0_inputs(model, adapter, sample_windows(ids, 8, 256), 4, torch.device("cpu"))
+    layers = model.model.layers
+    with torch.no_grad():
+        for layer in layers[:3]:
+            batches = [type(b)(layer(b.hidden, **b.kwargs), b.kwargs) for b in batches]
+    layer = layers[3]
+    H_attn = group_hessian(layer, layer.self_attn.q_proj, batches)
+    H_down = group_hessian(layer, layer.mlp.down_proj, batches)
+    return {
+        "q_proj": (layer.self_attn.q_proj.weight.detach().clone(), H_attn),
+        "down_proj": (layer.mlp.down_proj.weight.detach().clone(), H_down),
+    }
+
+
+@pytest.mark.parametrize("name", ["q_proj", "down_proj"])
+@pytest.mark.parametrize("bits,group", [(3, 64), (2, 64), (3, -1)])
+def test_neuqi_beats_minmax_on_real_weights_and_real_h(real_layer, name, bits, group):
+    w, H = real_layer[name]
+    spec = QuantSpec(bits, group)
+    h = torch.diagonal(H).float()
+    err = {m: group_weighted_error(w, fake_quantize(w, init_params(w, spec, m, h), spec), spec, h).sum()
+           for m in ("minmax", "neuqi_int", "neuqi")}
+    assert err["neuqi"] < err["neuqi_int"] < err["minmax"]
+    proxy = {init: gptq_quantize(w, H, spec, init=init).stats["quant_loss"] for init in ("minmax", "neuqi")}
+    assert proxy["neuqi"] < proxy["minmax"]
+
+
+def test_whole_model_round_trip_and_perplexity(smollm2, tmp_path):
+    """4-bit channel-wise LDLQ on the real model: saved, reloaded, and still a language model."""
+    cfg = RunConfig(model=str(smollm2), bits=4, group_size=-1, init="minmax", nsamples=4, seqlen=128,
+                    out_dir=str(tmp_path), device="cpu")
+    run_dir = quantize_model(cfg, quiet=True)
+    tok = load_tokenizer(smollm2)
+    ids = tokenize(load_text("wiki-sample")[:20_000], tok)
+    windows = consecutive_windows(ids, 256, limit=2)
+    fp = perplexity(load_model(smollm2), windows, torch.device("cpu"))["ppl"]
+    q = perplexity(neuqi.load(run_dir), windows, torch.device("cpu"))["ppl"]
+    assert fp < q < 3 * fp, (fp, q)
+    size = sum(f.stat().st_size for f in run_dir.glob("*.safetensors"))
+    assert size < 0.5 * (smollm2 / "model.safetensors").stat().st_size
