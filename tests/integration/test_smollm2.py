@@ -50,8 +50,7 @@ def real_layer(smollm2):
     }
 
 
-@pytest.mark.parametrize("name", ["q_proj", "down_proj"])
-@pytest.mark.parametrize("bits,group", [(3, 64), (2, 64), (3, -1)])
+@pytest.mark.parametrize("name,bits,group", [("q_proj", 3, 64), ("down_proj", 2, 64), ("q_proj", 3, -1)])
 def test_neuqi_beats_minmax_on_real_weights_and_real_h(real_layer, name, bits, group):
     w, H = real_layer[name]
     spec = QuantSpec(bits, group)
