@@ -135,9 +135,9 @@ def info(
 def demo(
     cache: Annotated[Path | None, typer.Option(help="data cache folder")] = None,
     out_dir: Path = Path("runs"),
-    nsamples: int = 32,
+    nsamples: int = 16,
     seqlen: int = 512,
-    eval_windows: int = 16,
+    eval_windows: int = 4,
 ) -> None:
     """The README's first command: SmolLM2-135M to 3-bit g64 with NeUQI+LDLQ, FP vs quantized."""
     from neuqi.demo import run_demo

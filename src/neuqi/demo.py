@@ -1,7 +1,8 @@
 """``make demo``: the default model to 3-bit g64 with NeUQI+LDLQ, compared with FP and GPTQ.
 
-Sized for a 2-core CPU: a short calibration (32 × 512 tokens of c4-sample) and
-perplexity on the first 16 windows of 2048 tokens of wiki-sample and brown.
+Sized for a 2-core CPU (under 15 minutes with the install): a short calibration
+(16 × 512 tokens of c4-sample) and perplexity on the first 4 windows of 2048
+tokens of wiki-sample and brown.  ``neuqi quantize`` defaults are the paper's.
 """
 
 from __future__ import annotations
