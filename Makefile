@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-CACHE ?= .cache/neuqi
+CACHE ?= $(CURDIR)/.cache/neuqi
+export NEUQI_CACHE := $(CACHE)
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo data lint bench clean
+.PHONY: venv test demo data lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,8 +17,7 @@ $(STAMP): pyproject.toml
 		$(PIP) install -q --no-cache-dir "torch==2.13.0"; \
 	else \
 		echo "no NVIDIA GPU: installing the CPU wheel of torch 2.13.0"; \
-		$(PIP) install -q --only-binary :all: "torch==2.13.0" --find-links /opt/wheels || \
-			$(PIP) install -q "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu; \
+		$(PIP) install -q "torch==2.13.0"; \
 	fi
 	$(PIP) install -q -e ".[test]"
 	touch $(STAMP)
@@ -25,14 +25,14 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 data: $(STAMP)
-	$(PY) -m neuqi.data.fetch --cache $(CACHE)
+	$(PY) -m neuqi.data.fetch
 
 test: $(STAMP) data
 	$(VENV)/bin/ruff check src tests bench
-	$(PY) -m pytest -q -x --durations=10
+	$(PY) -m pytest -q --durations=10
 
 demo: $(STAMP) data
-	$(PY) -m neuqi.cli demo --cache $(CACHE)
+	$(PY) -m neuqi.cli demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
