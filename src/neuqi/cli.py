@@ -16,7 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="NeUQI quantization of Hugging Face causal LMs.")
 console = Console()
 
-DEFAULT_EVAL = "wiki-sample,brown"
+DEFAULT_EVAL = "wiki-sample,brown,austen-test"
 
 
 def _setup_logging(quiet: bool) -> None:

