@@ -152,9 +152,12 @@ def _wiki_sample(cache: Path) -> str:
         elem.clear()
         if not title or not text or text.lstrip().lower().startswith("#redirect"):
             continue
+        # references are footnotes, not running text; some nest inside other markup
+        text = re.sub(r"<ref[^>/]*/>", "", text)
+        text = re.sub(r"<ref[^>]*>.*?</ref>", "", text, flags=re.S)
         code = mwparserfromhell.parse(text)
         for tag in code.filter_tags(recursive=False):
-            if str(tag.tag).strip().lower() in ("ref", "gallery", "math", "table"):
+            if str(tag.tag).strip().lower() in ("gallery", "math", "table"):
                 code.remove(tag)
         plain = code.strip_code(normalize=True, collapse=True)
         plain = re.sub(r"\n{3,}", "\n\n", plain).strip()
