@@ -59,6 +59,7 @@ def quantize(
     eval: Annotated[str, typer.Option(help="perplexity sets after quantizing, '' for none")] = "",
     eval_seqlen: int = 2048,
     eval_windows: Annotated[int | None, typer.Option(help="cap on windows per set")] = None,
+    low_memory: Annotated[bool, typer.Option(help="read one layer at a time from the shards")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Quantize MODEL layer by layer and save a packed checkpoint under OUT_DIR/RUN_NAME."""
@@ -71,7 +72,7 @@ def quantize(
                         magr=magr, magr_alpha=alpha, act_order=act_order, damp=damp, calib=calib,
                         nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, dtype=dtype,
                         device=device, seed=seed, out_dir=str(out_dir), eval_sets=_split(eval),
-                        eval_seqlen=eval_seqlen, eval_windows=eval_windows)
+                        eval_seqlen=eval_seqlen, eval_windows=eval_windows, low_memory=low_memory)
         run_dir = quantize_model(cfg, quiet=quiet)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         _fail(exc)

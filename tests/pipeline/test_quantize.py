@@ -138,3 +138,9 @@ def test_corrupt_or_truncated_checkpoints_are_reported(calib_file, tmp_path):
     st.unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         neuqi.load(run_dir)
+
+
+def test_a_damaged_gguf_file_gets_a_clear_error(calib_file, tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(ValueError, match="could not be read as a model"):
+        quantize_model(tiny_config(tmp_path / "m.gguf", calib_file, tmp_path / "runs"), quiet=True)

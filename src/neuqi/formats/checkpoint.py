@@ -91,14 +91,19 @@ def write_checkpoint(
     folder: Path,
     tokenizer=None,
     run_info: dict | None = None,
+    state: dict[str, Tensor] | None = None,
 ) -> None:
-    """Write the checkpoint files into an existing (temporary) ``folder``."""
+    """Write the checkpoint files into an existing (temporary) ``folder``.
+
+    ``state`` replaces ``model.state_dict()`` for the non-quantized tensors (the
+    layer-by-layer path keeps them aside while the model itself stays empty).
+    """
     tensors: dict[str, Tensor] = {}
     for name, q in quantized.items():
         tensors.update(packed_tensors(name, q, spec, zero_point))
     skip = {f"{n}.weight" for n in quantized} | {f"{n}.bias" for n in quantized}
     tied = getattr(model.config, "tie_word_embeddings", False)
-    for key, value in model.state_dict().items():
+    for key, value in (model.state_dict() if state is None else state).items():
         if key in skip or (tied and key == "lm_head.weight"):
             continue
         tensors[key] = value.detach().contiguous()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,7 +43,20 @@ def load_tokenizer(model: str | Path):
     from transformers import AutoTokenizer
 
     folder, gguf = resolve_model_path(model)
-    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    with _readable(folder, gguf):
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+
+
+@contextmanager
+def _readable(folder: Path, gguf: str | None) -> Iterator[None]:
+    """Turn the parsers' low-level failures on a damaged file into one clear error."""
+    try:
+        yield
+    except (struct.error, EOFError, UnicodeDecodeError, OSError, ValueError) as exc:
+        what = folder / gguf if gguf else folder
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"{what} could not be read as a model ({type(exc).__name__}: {exc})") from None
 
 
 def load_model(model: str | Path, dtype: torch.dtype = torch.float32):
@@ -52,7 +68,8 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32):
         from neuqi.formats.checkpoint import load_quantized
 
         return load_quantized(folder, dtype=dtype)
-    m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
+    with _readable(folder, gguf):
+        m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
     if gguf is not None:
         m = _drop_gguf_flag(m, dtype)
     m.eval()

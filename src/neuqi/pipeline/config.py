@@ -34,6 +34,7 @@ class RunConfig:
     eval_sets: list[str] = field(default_factory=list)
     eval_seqlen: int = 2048
     eval_windows: int | None = None
+    low_memory: bool = False  # read one layer at a time from safetensors shards
 
     def __post_init__(self) -> None:
         QuantSpec(self.bits, self.group_size)  # validates bits and group size

@@ -26,7 +26,7 @@ from neuqi.eval.perplexity import perplexity
 from neuqi.formats.checkpoint import write_checkpoint
 from neuqi.io_utils import atomic_write_json
 from neuqi.models.adapters import adapter_for
-from neuqi.models.loading import load_model, load_tokenizer
+from neuqi.models.loading import load_model, load_tokenizer, resolve_model_path
 from neuqi.pipeline.config import RunConfig
 from neuqi.pipeline.sequential import QuantOptions, capture_layer0_inputs, quantize_layers
 
@@ -160,14 +160,17 @@ def check_finite_model(model) -> None:
 
 
 def calibrate_and_quantize(
-    cfg: RunConfig, model, tokenizer, device: torch.device, quiet: bool = True
+    cfg: RunConfig, model, tokenizer, device: torch.device, quiet: bool = True,
+    before_layer=None, after_layer=None,
 ) -> tuple[dict, list[dict], dict]:
     """Quantize ``model`` in place (weights become de-quantized ones).
 
     Returns ``(records, per-linear stats, timing)``; ``records`` feed the checkpoint.
+    ``before_layer``/``after_layer`` are passed to ``quantize_layers`` (lazy loading).
     """
     adapter = adapter_for(model.config.model_type)
-    check_finite_model(model)
+    if before_layer is None:
+        check_finite_model(model)
     t0 = time.perf_counter()
     windows = calibration_windows(cfg, tokenizer)
     batches = capture_layer0_inputs(model, adapter, windows, cfg.batch_size, device)
@@ -184,7 +187,8 @@ def calibrate_and_quantize(
                      summary["seconds"], summary["quant_loss"])
 
         t0 = time.perf_counter()
-        records, stats = quantize_layers(model, adapter, batches, opts, device, on_layer)
+        records, stats = quantize_layers(model, adapter, batches, opts, device, on_layer,
+                                         before_layer, after_layer)
         t_quant = time.perf_counter() - t0
     timing = {
         "capture_seconds": t_capture,
@@ -199,15 +203,26 @@ def calibrate_and_quantize(
 def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool) -> dict:
     t_start = time.perf_counter()
     log.info("run %s on %s (%s)", cfg.run_name, device, dtype)
-    model = load_model(cfg.model, dtype)
+    if cfg.low_memory and resolve_model_path(cfg.model)[1] is not None:
+        raise ValueError("--low-memory reads safetensors shards; convert the .gguf to a folder first")
     tokenizer = load_tokenizer(cfg.model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    records, stats, timing = calibrate_and_quantize(cfg, model, tokenizer, device, quiet)
+    state = None
+    if cfg.low_memory:
+        model, state, hooks = _lazy_model(cfg, dtype)
+        records, stats, timing = calibrate_and_quantize(cfg, model, tokenizer, device, quiet, *hooks)
+    else:
+        model = load_model(cfg.model, dtype)
+        records, stats, timing = calibrate_and_quantize(cfg, model, tokenizer, device, quiet)
 
     run_info = {"config": cfg.to_dict(), "environment": environment(device)}
     write_checkpoint(model, records, cfg.spec, cfg.zero_point, cfg.act_order, work, tokenizer,
-                     run_info)
+                     run_info, state=state)
+    if cfg.low_memory and cfg.eval_sets:
+        from neuqi.formats.checkpoint import load_quantized
+
+        model = load_quantized(work, dtype=dtype)  # compact: codes stay packed
     result = {
         **run_info,
         "run_name": cfg.run_name,
@@ -229,6 +244,29 @@ def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool) -> di
     result["timing"]["total_seconds"] = time.perf_counter() - t_start
     log.info("quantized %d linears in %.1fs", len(stats), timing["quantize_seconds"])
     return result
+
+
+def _lazy_model(cfg: RunConfig, dtype: torch.dtype):
+    """An empty model plus the hooks that read each layer from disk just in time."""
+    from neuqi.models.lazy import ShardedCheckpoint, empty_model, load_top_level, materialize, release
+    folder, _ = resolve_model_path(cfg.model)
+    ckpt = ShardedCheckpoint(folder)
+    model = empty_model(folder, dtype)
+    adapter = adapter_for(model.config.model_type)
+    load_top_level(model, adapter, ckpt, dtype)
+    state = {k: v for k, v in model.state_dict().items() if v.device.type != "meta"}
+    quantized = set(adapter.linears)
+
+    def before(i: int, layer) -> None:
+        materialize(layer, f"{adapter.layers}.{i}.", ckpt, dtype)
+
+    def after(i: int, layer) -> None:
+        for name, p in layer.named_parameters():
+            if name.rpartition(".")[0] not in quantized:
+                state[f"{adapter.layers}.{i}.{name}"] = p.detach().clone()
+        release(layer)
+
+    return model, state, (before, after)
 
 
 def read_result(run_dir: Path) -> dict:

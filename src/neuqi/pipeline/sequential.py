@@ -165,13 +165,21 @@ def quantize_layers(
     opts: QuantOptions,
     device: torch.device,
     on_layer: Callable[[int, int, dict], None] | None = None,
+    before_layer: Callable[[int, nn.Module], None] | None = None,
+    after_layer: Callable[[int, nn.Module], None] | None = None,
 ) -> tuple[dict[str, QuantizedLinear], list[dict]]:
-    """Quantize every decoder layer in order; returns the records and per-linear stats."""
+    """Quantize every decoder layer in order; returns the records and per-linear stats.
+
+    ``before_layer`` / ``after_layer`` let a caller read a layer from disk just in
+    time and release it afterwards (see ``neuqi.models.lazy``).
+    """
     layers = decoder_layers(model, adapter)
     records: dict[str, QuantizedLinear] = {}
     stats: list[dict] = []
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
+        if before_layer is not None:
+            before_layer(i, layer)
         layer.to(device)
         for group in adapter.groups:
             linears = [layer.get_submodule(name) for name in group]
@@ -185,6 +193,8 @@ def quantize_layers(
             del H
         batches = layer_outputs(layer, batches)
         layer.to("cpu")
+        if after_layer is not None:
+            after_layer(i, layer)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         layer_stats = [s for s in stats if s["name"].startswith(f"{adapter.layers}.{i}.")]
