@@ -22,21 +22,24 @@ from neuqi.models.loading import load_model, load_tokenizer
 from neuqi.pipeline.config import RunConfig, resolve_device, resolve_dtype
 from neuqi.pipeline.run import evaluate_sets, quantize_model, read_result
 
-# (label, method, init, magr)
-METHODS = [
-    ("RTN", "rtn", "minmax", False),
-    ("GPTQ-minmax (LDLQ+Hsort)", "ldlq", "minmax", False),
-    ("MagR+LDLQ", "ldlq", "minmax", True),
-    ("NeUQI_int+LDLQ", "ldlq", "neuqi_int", False),
-    ("NeUQI+LDLQ", "ldlq", "neuqi", False),
-]
-# (bits, group size, which methods)
-CONFIGS = [
-    (3, 64, None),
-    (2, 64, None),
-    (3, -1, None),
-    (3, 128, ("GPTQ-minmax (LDLQ+Hsort)", "NeUQI+LDLQ")),
-]
+# label -> (method, init, magr)
+METHODS = {
+    "RTN": ("rtn", "minmax", False),
+    "GPTQ-minmax (LDLQ+Hsort)": ("ldlq", "minmax", False),
+    "MagR+LDLQ": ("ldlq", "minmax", True),
+    "NeUQI_int+LDLQ": ("ldlq", "neuqi_int", False),
+    "NeUQI+LDLQ": ("ldlq", "neuqi", False),
+}
+_CORE = ["GPTQ-minmax (LDLQ+Hsort)", "NeUQI+LDLQ", "NeUQI_int+LDLQ", "RTN"]
+# (bits, group size, label) in the order they run: the comparisons that matter
+# most first, so a bench cut short still has them.
+JOBS = (
+    [(3, 64, m) for m in [*_CORE, "MagR+LDLQ"]]
+    + [(2, 64, m) for m in _CORE]
+    + [(3, -1, m) for m in _CORE]
+    + [(3, 128, m) for m in ("GPTQ-minmax (LDLQ+Hsort)", "NeUQI+LDLQ")]
+    + [(2, 64, "MagR+LDLQ"), (3, -1, "MagR+LDLQ")]
+)
 SETS = ["wiki-sample", "brown"]
 
 
@@ -64,31 +67,29 @@ def main() -> None:
         fp_path.write_text(json.dumps(fp, indent=2))
     rows.append({"label": "FP", "bits": 16, "group": "-", "ppl": {k: v["ppl"] for k, v in fp.items()}})
     _write(rows, out, args)
-    for bits, group, only in CONFIGS:
-        for label, method, init, magr in METHODS:
-            if only and label not in only:
-                continue
-            cfg = RunConfig(model=model, bits=bits, group_size=group, method=method, init=init, magr=magr,
-                            nsamples=args.nsamples, seqlen=args.seqlen, out_dir=args.out_dir,
-                            eval_sets=SETS, eval_windows=args.eval_windows)
-            run_dir = Path(args.out_dir) / cfg.run_name
-            t0 = time.time()
-            if not (run_dir / "result.json").exists():
-                quantize_model(cfg, quiet=True)
-            res = read_result(run_dir)
-            rows.append({
-                "label": label, "bits": bits, "group": "ch" if group == -1 else f"g{group}",
-                "run": cfg.run_name,
-                "ppl": {k: v.get("ppl") for k, v in res["eval"]["ppl"].items()},
-                "quantize_seconds": res["timing"]["quantize_seconds"],
-                "init_seconds": res["timing"]["init_seconds"],
-                "peak_rss_mb": res["memory"]["peak_rss_mb"],
-                "checkpoint_mb": res["checkpoint_bytes"] / 2**20,
-            })
-            print(f"{label:28s} {bits}bit {rows[-1]['group']:5s} "
-                  + " ".join(f"{k}={v:.3f}" for k, v in rows[-1]["ppl"].items())
-                  + f"  ({time.time() - t0:.0f}s)", flush=True)
-            _write(rows, out, args)
+    for bits, group, label in JOBS:
+        method, init, magr = METHODS[label]
+        cfg = RunConfig(model=model, bits=bits, group_size=group, method=method, init=init, magr=magr,
+                        nsamples=args.nsamples, seqlen=args.seqlen, out_dir=args.out_dir,
+                        eval_sets=SETS, eval_windows=args.eval_windows)
+        run_dir = Path(args.out_dir) / cfg.run_name
+        t0 = time.time()
+        if not (run_dir / "result.json").exists():
+            quantize_model(cfg, quiet=True)
+        res = read_result(run_dir)
+        rows.append({
+            "label": label, "bits": bits, "group": "ch" if group == -1 else f"g{group}",
+            "run": cfg.run_name,
+            "ppl": {k: v.get("ppl") for k, v in res["eval"]["ppl"].items()},
+            "quantize_seconds": res["timing"]["quantize_seconds"],
+            "init_seconds": res["timing"]["init_seconds"],
+            "peak_rss_mb": res["memory"]["peak_rss_mb"],
+            "checkpoint_mb": res["checkpoint_bytes"] / 2**20,
+        })
+        print(f"{label:28s} {bits}bit {rows[-1]['group']:5s} "
+              + " ".join(f"{k}={v:.3f}" for k, v in rows[-1]["ppl"].items())
+              + f"  ({time.time() - t0:.0f}s)", flush=True)
+        _write(rows, out, args)
 
 
 def _write(rows: list[dict], out: Path, args) -> None:
