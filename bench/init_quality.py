@@ -6,7 +6,7 @@ For every group: weighted error ``Σ h (w − ŵ)²`` of minmax / mse / neuqi_in
 neuqi divided by a dense optimum (1000 scales from 0 to 1.25× min-max, exact
 best float zero for each).  Random heavy-tailed weights (Student-t, ν=4) with
 uneven importances, and with ``--real`` the layers of SmolLM2-135M's block 3
-with their real diag(H) from c4-sample.  Prints a table, writes
+with their real diag(H) from c4-sample (q_proj, o_proj, down_proj).  Prints a table, writes
 ``bench/results/init_quality.json``.
 """
 
@@ -19,26 +19,16 @@ from pathlib import Path
 
 import torch
 
-from neuqi.quant import QuantSpec, best_zero, fake_quantize, group_weighted_error, init_params
-from neuqi.quant import init as init_mod
+from neuqi.quant import QuantSpec, fake_quantize, group_weighted_error, init_params
+from neuqi.quant.init import dense_scale_search
 
 METHODS = ("minmax", "mse", "neuqi_int", "neuqi")
+REAL_LINEARS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")
 SPECS = [QuantSpec(2, 64), QuantSpec(3, 64), QuantSpec(4, 64), QuantSpec(3, -1), QuantSpec(4, -1)]
 
 
-def dense_optimum(w, spec, h, n_scales=1000):
-    wg, hg, _ = init_mod.to_groups(w, spec, h)
-    s0 = init_mod.minmax_scale(wg, spec.maxq)
-    best = torch.full((wg.shape[0],), float("inf"), dtype=torch.float64)
-    for i in range(1, n_scales + 1):
-        s = s0 * (1.25 * i / n_scales)
-        _, loss = best_zero(wg / s[:, None], hg, spec.maxq)
-        best = torch.minimum(best, loss.double() * s.double() ** 2)
-    return best
-
-
 def ratios(w, h, spec):
-    opt = dense_optimum(w, spec, h)
+    opt = dense_scale_search(w, spec, h)
     out = {}
     for m in METHODS:
         t0 = time.perf_counter()
@@ -55,22 +45,13 @@ def real_weights():
     from neuqi.data.corpora import load_text, sample_windows, tokenize
     from neuqi.models.adapters import adapter_for
     from neuqi.models.loading import load_model, load_tokenizer
-    from neuqi.pipeline.sequential import capture_layer0_inputs, group_hessian
+    from neuqi.pipeline.sequential import block_hessians
 
     path = cache_dir() / "models" / "smollm2-135m"
     model, tok = load_model(path), load_tokenizer(path)
-    adapter = adapter_for(model.config.model_type)
-    ids = tokenize(load_text("c4-sample")[:400_000], tok)
-    batches = capture_layer0_inputs(model, adapter, sample_windows(ids, 16, 512), 4, torch.device("cpu"))
-    layers = model.model.layers
-    with torch.no_grad():
-        for layer in layers[:3]:
-            batches = [type(b)(layer(b.hidden, **b.kwargs), b.kwargs) for b in batches]
-    layer = layers[3]
-    for group in adapter.groups:
-        H = group_hessian(layer, layer.get_submodule(group[0]), batches)
-        for name in group:
-            w = layer.get_submodule(name).weight.detach().float()
+    windows = sample_windows(tokenize(load_text("c4-sample")[:400_000], tok), 16, 512)
+    for name, w, H in block_hessians(model, adapter_for(model.config.model_type), windows, 3):
+        if name in REAL_LINEARS:
             yield f"layer3.{name}", w, torch.diagonal(H).float()
 
 

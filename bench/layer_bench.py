@@ -33,22 +33,12 @@ def block_layers(index: int):
     from neuqi.data.corpora import load_text, sample_windows, tokenize
     from neuqi.models.adapters import adapter_for
     from neuqi.models.loading import load_model, load_tokenizer
-    from neuqi.pipeline.sequential import capture_layer0_inputs, group_hessian
+    from neuqi.pipeline.sequential import block_hessians
 
     path = cache_dir() / "models" / "smollm2-135m"
     model, tok = load_model(path), load_tokenizer(path)
-    adapter = adapter_for(model.config.model_type)
-    ids = tokenize(load_text("c4-sample")[:400_000], tok)
-    batches = capture_layer0_inputs(model, adapter, sample_windows(ids, 16, 512), 4, torch.device("cpu"))
-    with torch.no_grad():
-        for layer in model.model.layers[:index]:
-            batches = [type(b)(layer(b.hidden, **b.kwargs), b.kwargs) for b in batches]
-    layer = model.model.layers[index]
-    out = []
-    for group in adapter.groups:
-        H = group_hessian(layer, layer.get_submodule(group[0]), batches)
-        out += [(n, layer.get_submodule(n).weight.detach().float().clone(), H) for n in group]
-    return out
+    windows = sample_windows(tokenize(load_text("c4-sample")[:400_000], tok), 16, 512)
+    return block_hessians(model, adapter_for(model.config.model_type), windows, index)
 
 
 def rel_error(w, H, res, spec):

@@ -13,7 +13,7 @@ from neuqi.models.adapters import adapter_for
 from neuqi.models.loading import load_model, load_tokenizer
 from neuqi.pipeline.config import RunConfig
 from neuqi.pipeline.run import quantize_model
-from neuqi.pipeline.sequential import capture_layer0_inputs, group_hessian
+from neuqi.pipeline.sequential import block_hessians
 from neuqi.quant import QuantSpec, fake_quantize, gptq_quantize, group_weighted_error, init_params
 
 pytestmark = pytest.mark.integration
@@ -31,23 +31,12 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def real_layer(smollm2):
-    """Layer 3's weights and real H (c4-sample calibration, 8 × 256 tokens)."""
+    """Block 3's q_proj and down_proj with real H (c4-sample calibration, 8 × 256 tokens)."""
     model = load_model(smollm2)
     tok = load_tokenizer(smollm2)
-    adapter = adapter_for(model.config.model_type)
-    ids = tokenize(load_text("c4-sample")[:200_000], tok)
-    batches = capture_layer0_inputs(model, adapter, sample_windows(ids, 8, 256), 4, torch.device("cpu"))
-    layers = model.model.layers
-    with torch.no_grad():
-        for layer in layers[:3]:
-            batches = [type(b)(layer(b.hidden, **b.kwargs), b.kwargs) for b in batches]
-    layer = layers[3]
-    H_attn = group_hessian(layer, layer.self_attn.q_proj, batches)
-    H_down = group_hessian(layer, layer.mlp.down_proj, batches)
-    return {
-        "q_proj": (layer.self_attn.q_proj.weight.detach().clone(), H_attn),
-        "down_proj": (layer.mlp.down_proj.weight.detach().clone(), H_down),
-    }
+    windows = sample_windows(tokenize(load_text("c4-sample")[:200_000], tok), 8, 256)
+    layers = block_hessians(model, adapter_for(model.config.model_type), windows, 3)
+    return {name.rsplit(".", 1)[-1]: (w, H) for name, w, H in layers}
 
 
 @pytest.mark.parametrize("name,bits,group", [("q_proj", 3, 64), ("down_proj", 2, 64), ("q_proj", 3, -1)])

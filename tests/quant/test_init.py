@@ -78,18 +78,6 @@ def test_all_zero_importances_fall_back_to_uniform_weights():
     assert torch.allclose(a.scale, b.scale) and torch.allclose(a.zero, b.zero)
 
 
-def dense_optimum(w, spec, h, n_scales=1000):
-    """Dense search: ≥1000 scales from 0 to 1.25x min-max, exact best z for each."""
-    wg, hg, _ = init_mod.to_groups(w, spec, h)
-    s0 = init_mod.minmax_scale(wg, spec.maxq)
-    best = torch.full((wg.shape[0],), float("inf"), dtype=torch.float64)
-    for i in range(1, n_scales + 1):
-        s = s0 * (1.25 * i / n_scales)
-        _, loss = best_zero(wg / s[:, None], hg, spec.maxq)
-        best = torch.minimum(best, loss.double() * (s.double() ** 2))
-    return best
-
-
 @pytest.mark.parametrize("bits,group", [(2, 32), (3, 32), (4, -1)])
 def test_neuqi_is_near_the_dense_optimum_and_never_worse_than_minmax(bits, group):
     spec = QuantSpec(bits, group)
@@ -101,7 +89,7 @@ def test_neuqi_is_near_the_dense_optimum_and_never_worse_than_minmax(bits, group
         .double()
         for m in ("minmax", "neuqi", "neuqi_int")
     }
-    opt = dense_optimum(w, spec, h, n_scales=1000)
+    opt = init_mod.dense_scale_search(w, spec, h, n_scales=1000)
     ratio = err["neuqi"] / opt
     assert ratio.mean() <= 1.002, f"mean ratio {ratio.mean():.5f}"
     assert (err["neuqi"] <= err["minmax"] * (1 + 1e-6)).all()

@@ -207,3 +207,28 @@ def quantize_layers(
         if on_layer is not None:
             on_layer(i, len(layers), summary)
     return records, stats
+
+
+@torch.no_grad()
+def block_hessians(
+    model: nn.Module, adapter: Adapter, windows: Tensor, index: int, batch_size: int = 4,
+    device: torch.device | str = "cpu",
+) -> list[tuple[str, Tensor, Tensor]]:
+    """``(name, W, H)`` for every linear of FP decoder block ``index`` (benchmarks, tests).
+
+    The calibration windows run through the FP blocks before it; each linear gets
+    the H of its input group, as the pipeline would compute it.
+    """
+    device = torch.device(device)
+    batches = capture_layer0_inputs(model, adapter, windows, batch_size, device)
+    layers = decoder_layers(model, adapter)
+    for layer in layers[:index]:
+        batches = layer_outputs(layer.to(device), batches)
+        layer.to("cpu")
+    layer = layers[index].to(device)
+    out = []
+    for group in adapter.groups:
+        H = group_hessian(layer, layer.get_submodule(group[0]), batches)
+        out += [(n, layer.get_submodule(n).weight.detach().float().clone(), H) for n in group]
+    layer.to("cpu")
+    return out

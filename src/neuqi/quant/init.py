@@ -408,6 +408,22 @@ def _init_neuqi_int(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
     return torch.where(better, scale, mm_s), torch.where(better, zero, mm_z)
 
 
+def dense_scale_search(
+    w: Tensor, spec: QuantSpec, h_diag: Tensor | None, n_scales: int = 1000, max_ratio: float = 1.25
+) -> Tensor:
+    """Reference optimum for benchmarks and tests: ``n_scales`` scales evenly in
+    ``(0, max_ratio·s₀]``, each with its exact best float zero.  Returns the best
+    weighted error per group ``[out·n_groups]`` (float64).  Slow by design."""
+    wg, hg, _ = to_groups(w, spec, h_diag)
+    s0 = minmax_scale(wg, spec.maxq)
+    best = torch.full((wg.shape[0],), float("inf"), dtype=torch.float64, device=w.device)
+    for i in range(1, n_scales + 1):
+        s = s0 * (max_ratio * i / n_scales)
+        _, loss = best_zero(wg / s[:, None], hg, spec.maxq)
+        best = torch.minimum(best, loss.double() * s.double() ** 2)
+    return best
+
+
 def init_params(
     w: Tensor,
     spec: QuantSpec,
