@@ -33,3 +33,23 @@ def test_errors_are_one_clear_line_and_a_nonzero_exit(tmp_path):
     assert res.exit_code == 2 and "does not exist" in res.output
     res = runner.invoke(app, ["quantize", str(tmp_path), "--bits", "9", "-q"])
     assert res.exit_code == 2 and "bits" in res.output
+
+
+def test_demo_prints_fp_gptq_and_neuqi_rows(tmp_path, monkeypatch):
+    """The demo's flow and table on a tiny model, with the offline corpora stubbed
+    by a local text (the real corpora are checked in tests/integration)."""
+    from rich.console import Console
+
+    from neuqi import demo
+    from neuqi.pipeline import run
+
+    from .conftest import SAMPLE_TEXT
+
+    model = make_tiny_model(tmp_path / "tiny", "llama")
+    monkeypatch.setattr(run, "load_text", lambda name, cache=None, split="train": SAMPLE_TEXT)
+    console = Console(record=True, width=200)
+    rows = demo.run_demo(tmp_path / "cache", tmp_path / "runs", 4, 64, 2, console, model=model,
+                         calib="c4-sample", eval_seqlen=64)
+    assert [r[0] for r in rows] == ["FP (de-quantized Q4_1 GGUF)", "GPTQ/LDLQ + min-max", "NeUQI + LDLQ"]
+    text = console.export_text()
+    assert "NeUQI + LDLQ" in text and f"{rows[2][2]['wiki-sample']['ppl']:.3f}" in text

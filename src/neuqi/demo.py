@@ -26,29 +26,32 @@ EVAL_SETS = ["wiki-sample", "brown"]
 
 def run_demo(
     cache: Path | None, out_dir: Path, nsamples: int, seqlen: int, eval_windows: int,
-    console: Console,
-) -> None:
+    console: Console, model: Path | None = None, calib: str = "c4-sample", eval_seqlen: int = 2048,
+) -> list[tuple]:
+    """Quantize and compare; returns the table rows ``(label, run_name, ppl, seconds)``."""
     root = cache_dir(cache)
-    model_dir = fetch_model(root)
-    for name in ["c4-sample", *EVAL_SETS]:
-        fetch_corpus(name, root)
+    model_dir = model or fetch_model(root)
+    if model is None:
+        for name in [calib, *EVAL_SETS]:
+            fetch_corpus(name, root)
     rows = []
     device = resolve_device("auto")
     fp = load_model(model_dir, resolve_dtype("auto", device))
     tok = load_tokenizer(model_dir)
     console.print("[bold]full-precision model[/]")
-    fp_ppl = evaluate_sets(fp, tok, EVAL_SETS, 2048, device, eval_windows, quiet=False)
+    fp_ppl = evaluate_sets(fp, tok, EVAL_SETS, eval_seqlen, device, eval_windows, quiet=False)
     rows.append(("FP (de-quantized Q4_1 GGUF)", "-", fp_ppl, None))
     del fp
     for init, label in (("minmax", "GPTQ/LDLQ + min-max"), ("neuqi", "NeUQI + LDLQ")):
-        cfg = RunConfig(model=str(model_dir), bits=3, group_size=64, init=init,
+        cfg = RunConfig(model=str(model_dir), bits=3, group_size=64, init=init, calib=calib,
                         nsamples=nsamples, seqlen=seqlen, out_dir=str(out_dir),
-                        eval_sets=EVAL_SETS, eval_windows=eval_windows)
+                        eval_sets=EVAL_SETS, eval_windows=eval_windows, eval_seqlen=eval_seqlen)
         console.print(f"[bold]{label}[/]: {cfg.run_name}")
         run_dir = quantize_model(cfg)
         res = read_result(run_dir)
         rows.append((label, cfg.run_name, res["eval"]["ppl"], res["timing"]["quantize_seconds"]))
-    table = Table(title=f"SmolLM2-135M, 3-bit g64: perplexity (first {eval_windows} windows of 2048)")
+    title = f"{Path(model_dir).name}, 3-bit g64: perplexity (first {eval_windows} windows of {eval_seqlen})"
+    table = Table(title=title)
     table.add_column("model")
     for name in EVAL_SETS:
         table.add_column(name, justify="right")
@@ -58,3 +61,4 @@ def run_demo(
                       "-" if secs is None else f"{secs:.0f}")
     console.print(table)
     console.print(f"runs saved under {out_dir}/")
+    return rows
