@@ -1,6 +1,6 @@
 """Layer-level benchmark: output error and seconds per algorithm × init × bits × grouping.
 
-    python bench/layer_bench.py [--layer 3] [--skip-big]
+    python bench/layer_bench.py [--layer 3] [--skip-big] [--skip-real]
 
 Real layers (one decoder block of SmolLM2-135M, H from 16 × 512 tokens of
 c4-sample): relative output error ``tr(ΔHΔᵀ)/tr(WHWᵀ) = ‖(W−Ŵ)X‖²/‖WX‖²`` summed over
@@ -104,8 +104,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layer", type=int, default=3)
     ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--skip-real", action="store_true")
     args = ap.parse_args()
-    result = {"real": real_layer_table(args.layer), "big": []}
+    result = {"real": [] if args.skip_real else real_layer_table(args.layer), "big": []}
     if not args.skip_big:
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
         result["big"] = [big_layer_timing(d) for d in devices]
