@@ -25,12 +25,9 @@ OFFLINE_HINT = (
 def load_text(source: str, cache: Path | None = None, split: str = "train") -> str:
     """The raw text of a named corpus or a local file (documents joined by blank lines)."""
     if source in OFFLINE:
-        path = cache_dir(cache) / "text" / f"{source}.txt"
-        if not path.exists():
-            from neuqi.data.fetch import fetch_corpus
+        from neuqi.data.fetch import fetch_corpus
 
-            path = fetch_corpus(source, cache_dir(cache))
-        return path.read_text(encoding="utf-8")
+        return fetch_corpus(source, cache_dir(cache)).read_text(encoding="utf-8")
     if source in HUB:
         return _hub_text(source, split)
     path = Path(source).expanduser()
