@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from neuqi.formats.packing import pack_weight, pack_zeros
 from neuqi.formats.qlinear import replace_linears
-from neuqi.io_utils import atomic_dir
 from neuqi.quant.grid import QuantParams, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -66,22 +65,6 @@ def packed_tensors(name: str, q: QuantizedLinear, spec: QuantSpec, zero_point: s
     return out
 
 
-def save_quantized(
-    model: nn.Module,
-    quantized: dict[str, QuantizedLinear],
-    spec: QuantSpec,
-    zero_point: str,
-    act_order: bool,
-    out_dir: Path,
-    tokenizer=None,
-    run_info: dict | None = None,
-) -> Path:
-    """Write the packed checkpoint to ``out_dir`` atomically (temp folder + rename)."""
-    with atomic_dir(out_dir) as tmp:
-        write_checkpoint(model, quantized, spec, zero_point, act_order, tmp, tokenizer, run_info)
-    return out_dir
-
-
 def write_checkpoint(
     model: nn.Module,
     quantized: dict[str, QuantizedLinear],
@@ -93,7 +76,8 @@ def write_checkpoint(
     run_info: dict | None = None,
     state: dict[str, Tensor] | None = None,
 ) -> None:
-    """Write the checkpoint files into an existing (temporary) ``folder``.
+    """Write the checkpoint files into an existing folder (the pipeline's temporary
+    run directory, renamed into place once complete).
 
     ``state`` replaces ``model.state_dict()`` for the non-quantized tensors (the
     layer-by-layer path keeps them aside while the model itself stays empty).

@@ -307,21 +307,27 @@ def _init_neuqi(
     # "exact": alternate the exact best scale for the zero and the exact best zero
     # for the scale; each step can only lower the loss (continuous, no grid).
     for _ in range(rounds):
-        s_new = _chunked_scale_sweep(wg, hg, maxq, best_z[:, None])
+        s_new, _ = _chunked_scale_sweep(wg, hg, maxq, best_z[:, None])
         ok = torch.isfinite(s_new) & (s_new > 0)
         consider(torch.where(ok, s_new, best_s))
     return best_s, best_z
 
 
-def _chunked_scale_sweep(wg: Tensor, hg: Tensor, maxq: int, zeros: Tensor) -> Tensor:
+def _chunked_scale_sweep(
+    wg: Tensor, hg: Tensor, maxq: int, zeros: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`_scale_sweep_chunk` over chunks of groups; returns ``(scale, zero)``."""
     G, n = wg.shape
+    n_zeros = maxq + 1 if zeros is None else zeros.shape[1]
     budget = _CHUNK_ELEMENTS.get(wg.device.type, 1 << 20)
-    chunk = max(1, budget // (n * maxq * zeros.shape[1]))
-    out = [
-        _run_sweep(_scale_sweep_chunk, wg[i : i + chunk], hg[i : i + chunk], maxq, zeros[i : i + chunk])[0]
-        for i in range(0, G, chunk)
-    ]
-    return torch.cat(out)
+    chunk = max(1, budget // (n * maxq * n_zeros))
+    scales, zero_pts = [], []
+    for i in range(0, G, chunk):
+        zi = None if zeros is None else zeros[i : i + chunk]
+        s, z, _ = _run_sweep(_scale_sweep_chunk, wg[i : i + chunk], hg[i : i + chunk], maxq, zi)
+        scales.append(s)
+        zero_pts.append(z)
+    return torch.cat(scales), torch.cat(zero_pts)
 
 
 def _scale_sweep_chunk(
@@ -389,17 +395,9 @@ def _init_neuqi_int(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
 
     The reference searches a grid of 2048 scales in ``(0, s₀]``; the sweep of
     :func:`_scale_sweep_chunk` finds the optimum over every scale instead, at a
-    fraction of the cost.  Min-max is kept where it is (numerically) no worse.
+    fraction of the cost.  Min-max is kept for a group where it is strictly better.
     """
-    G, n = wg.shape
-    budget = _CHUNK_ELEMENTS.get(wg.device.type, 1 << 20)
-    chunk = max(1, budget // (n * maxq * (maxq + 1)))
-    scales, zeros = [], []
-    for start in range(0, G, chunk):
-        s, z, _ = _run_sweep(_scale_sweep_chunk, wg[start : start + chunk], hg[start : start + chunk], maxq)
-        scales.append(s)
-        zeros.append(z)
-    scale, zero = torch.cat(scales), torch.cat(zeros)
+    scale, zero = _chunked_scale_sweep(wg, hg, maxq)
     ok = torch.isfinite(scale) & (scale > 0)
     mm_s, mm_z = _init_minmax(wg, maxq, 1.0)
     scale = torch.where(ok, scale, mm_s)
