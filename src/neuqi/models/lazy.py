@@ -61,27 +61,32 @@ def empty_model(folder: Path, dtype: torch.dtype):
     return model.eval()
 
 
+def _set_param(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, leaf, nn.Parameter(tensor, requires_grad=False))
+
+
+def _read_param(key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if t.is_floating_point():
+        t = t.to(dtype)
+    if not torch.isfinite(t).all():
+        raise ValueError(f"the model's {key} holds NaN/inf values; refusing to quantize it")
+    return t
+
+
 def materialize(module: nn.Module, prefix: str, ckpt: ShardedCheckpoint, dtype: torch.dtype) -> None:
     """Read ``module``'s parameters (named ``prefix + name`` on disk) into CPU memory."""
     names = [n for n, _ in module.named_parameters()]
     tensors = ckpt.read([prefix + n for n in names])
     for n in names:
-        t = tensors[prefix + n]
-        if t.is_floating_point():
-            t = t.to(dtype)
-        if not torch.isfinite(t).all():
-            raise ValueError(f"the model's {prefix + n} holds NaN/inf values; refusing to quantize it")
-        parent_name, _, leaf = n.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, leaf, nn.Parameter(t, requires_grad=False))
+        _set_param(module, n, _read_param(prefix + n, tensors[prefix + n], dtype))
 
 
 def release(module: nn.Module) -> None:
     """Send ``module``'s parameters back to the meta device, freeing their memory."""
     for n, p in list(module.named_parameters()):
-        parent_name, _, leaf = n.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, leaf, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+        _set_param(module, n, torch.empty_like(p, device="meta"))
 
 
 def is_materialized(module: nn.Module) -> bool:
@@ -96,9 +101,6 @@ def load_top_level(model: nn.Module, adapter: Adapter, ckpt: ShardedCheckpoint, 
     for name, p in list(model.named_parameters()):
         if id(p) in in_layers or (tied and name == f"{adapter.lm_head}.weight"):
             continue
-        parent_name, _, leaf = name.rpartition(".")
-        t = ckpt.read([name])[name]
-        t = t.to(dtype) if t.is_floating_point() else t
-        setattr(model.get_submodule(parent_name), leaf, nn.Parameter(t, requires_grad=False))
+        _set_param(model, name, _read_param(name, ckpt.read([name])[name], dtype))
     if tied:
         model.tie_weights()

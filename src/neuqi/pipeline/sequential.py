@@ -46,16 +46,6 @@ class QuantOptions:
     magr_alpha: float | None
 
 
-def _to(obj, device):
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
 @torch.no_grad()
 def capture_layer0_inputs(
     model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int, device: torch.device
