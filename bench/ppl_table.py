@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 from neuqi.data.cache import cache_dir
-from neuqi.data.fetch import fetch_model
+from neuqi.data.fetch import TEXT_VERSION, fetch_model
+from neuqi.eval.run import evaluate_model
+from neuqi.io_utils import atomic_write_json
 from neuqi.models.loading import load_model, load_tokenizer
 from neuqi.pipeline.config import RunConfig, resolve_device, resolve_dtype
 from neuqi.pipeline.run import evaluate_sets, quantize_model, read_result
@@ -40,7 +42,12 @@ JOBS = (
     + [(3, 128, m) for m in ("GPTQ-minmax (LDLQ+Hsort)", "NeUQI+LDLQ")]
     + [(2, 64, "MagR+LDLQ"), (3, -1, "MagR+LDLQ")]
 )
-SETS = ["wiki-sample", "brown"]
+SETS = ["wiki-sample", "brown", "austen-test"]
+
+
+def stale_sets(ppl: dict) -> list[str]:
+    """Sets missing from an eval record or measured on an older build of the corpus."""
+    return [s for s in SETS if ppl.get(s, {}).get("corpus_build") != TEXT_VERSION]
 
 
 def main() -> None:
@@ -59,12 +66,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     fp_path = out / "fp_ppl.json"
-    if fp_path.exists():
-        fp = json.loads(fp_path.read_text())
-    else:
-        fp = evaluate_sets(load_model(model, resolve_dtype("auto", device)), load_tokenizer(model),
-                           SETS, 2048, device, args.eval_windows)
-        fp_path.write_text(json.dumps(fp, indent=2))
+    fp = json.loads(fp_path.read_text()) if fp_path.exists() else {}
+    if missing := stale_sets(fp):
+        fp.update(evaluate_sets(load_model(model, resolve_dtype("auto", device)), load_tokenizer(model),
+                                missing, 2048, device, args.eval_windows))
+        atomic_write_json(fp_path, fp)
     rows.append({"label": "FP", "bits": 16, "group": "-", "ppl": {k: v["ppl"] for k, v in fp.items()}})
     _write(rows, out, args)
     for bits, group, label in JOBS:
@@ -76,6 +82,8 @@ def main() -> None:
         t0 = time.time()
         if not (run_dir / "result.json").exists():
             quantize_model(cfg, quiet=True)
+        if missing := stale_sets(read_result(run_dir).get("eval", {}).get("ppl", {})):
+            evaluate_model(str(run_dir), missing, max_windows=args.eval_windows, quiet=True)
         res = read_result(run_dir)
         rows.append({
             "label": label, "bits": bits, "group": "ch" if group == -1 else f"g{group}",

@@ -112,6 +112,63 @@ def eval_cmd(
 
 
 @app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="a finished neuqi run folder")],
+    format: Annotated[str, typer.Option("--format", "-f", help="compressed-tensors | gptq | hqq")],
+    out: Annotated[Path, typer.Option(help="export folder (replaced atomically)")],
+    dtype: Annotated[str, typer.Option(help="float16 | bfloat16 | float32 for the unquantized tensors")]
+    = "float16",
+    checkpoint_format: Annotated[str, typer.Option(help="gptq only: gptq_v2 | gptq (v1, lossless only)")]
+    = "gptq_v2",
+    verify: Annotated[bool, typer.Option(help="re-load with the consumer library and compare logits")]
+    = True,
+) -> None:
+    """Write a run in a format an inference engine loads; verified before it is put in place."""
+    from neuqi.formats.export import export_run
+
+    _setup_logging(True)
+    try:
+        res = export_run(run, format, out, dtype, checkpoint_format, verify)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        _fail(exc)
+        return
+    _print_verify(res)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    console.print(f"[green]wrote[/] {out} ({format}, {size / 2**20:.1f} MiB)")
+
+
+@app.command("verify")
+def verify_cmd(
+    export_dir: Annotated[Path, typer.Argument(help="an export folder")],
+    against: Annotated[Path, typer.Option(help="the neuqi run it was exported from")],
+) -> None:
+    """Re-load an export the way its engine does and compare it with our own model."""
+    from neuqi.formats.export.verify import verify
+
+    _setup_logging(True)
+    try:
+        res = verify(export_dir, against)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        _fail(exc)
+        return
+    _print_verify(res)
+    if not res["ok"]:
+        raise typer.Exit(code=1)
+
+
+def _print_verify(res: dict) -> None:
+    t, e = res.get("tensors", {}), res.get("engine", {})
+    if t:
+        console.print(f"tensors: {'bit-exact' if t.get('bit_exact') else t.get('error')}"
+                      f" ({t.get('linears', 0)} linears)")
+    if "skipped" in e:
+        console.print(f"engine check skipped: {e['skipped']}")
+    elif e:
+        console.print(f"engine logits: max |Δ|/std = {e['max_rel_logit_diff']:.2e} "
+                      f"(tolerance {e['tolerance']:.0e}), top-1 agreement {e['top1_agreement']:.4f}")
+
+
+@app.command()
 def info(
     path: Annotated[Path | None, typer.Argument(help="a run folder (default: the data cache)")] = None,
 ) -> None:

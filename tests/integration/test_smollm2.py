@@ -11,6 +11,7 @@ from neuqi.data.corpora import consecutive_windows, load_text, sample_windows, t
 from neuqi.eval.perplexity import perplexity
 from neuqi.models.adapters import adapter_for
 from neuqi.models.loading import load_model, load_tokenizer
+from neuqi.formats.export import export_run
 from neuqi.pipeline.config import RunConfig
 from neuqi.pipeline.run import quantize_model
 from neuqi.pipeline.sequential import block_hessians
@@ -64,6 +65,10 @@ def test_whole_model_round_trip_and_perplexity(smollm2, tmp_path):
     assert fp < q < 3 * fp, (fp, q)
     size = sum(f.stat().st_size for f in run_dir.glob("*.safetensors"))
     assert size < 0.5 * (smollm2 / "model.safetensors").stat().st_size
+    # The engines' formats, re-loaded by their own libraries (fp32 compute).
+    for fmt in ("compressed-tensors", "hqq"):
+        res = export_run(run_dir, fmt, tmp_path / fmt)
+        assert res["tensors"]["bit_exact"] and res["engine"]["max_rel_logit_diff"] <= 1e-4, res
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,8 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import neuqi
-from neuqi.data.corpora import consecutive_windows, load_text, sample_windows, tokenize
+from neuqi.data.corpora import OFFLINE, consecutive_windows, load_text, sample_windows, tokenize
+from neuqi.data.fetch import TEXT_VERSION
 from neuqi.eval.perplexity import perplexity
 from neuqi.formats.checkpoint import write_checkpoint
 from neuqi.io_utils import atomic_write_json
@@ -114,6 +115,8 @@ def evaluate_sets(
         with progress_bar(quiet) as bar:
             task = bar.add_task(f"ppl {name}", total=windows.shape[0], info="")
             results[name] = perplexity(model, windows, device, lambda t=task: bar.advance(t))
+        if name in OFFLINE:  # so a later rebuild of the corpus is not mixed with old figures
+            results[name]["corpus_build"] = TEXT_VERSION
         log.info("ppl %s: %.4f (%d windows)", name, results[name]["ppl"], windows.shape[0])
     return results
 
