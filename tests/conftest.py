@@ -48,7 +48,8 @@ def make_tiny_model(folder, arch: str = "llama", layers: int = 2, hidden: int = 
     """A random-initialised decoder with real structure, saved with a tokenizer."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=320, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+    common = dict(vocab_size=320, hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     if arch == "llama":
         cfg = LlamaConfig(**common, tie_word_embeddings=True)

@@ -9,9 +9,9 @@ import neuqi
 from neuqi.data.cache import cache_dir
 from neuqi.data.corpora import consecutive_windows, load_text, sample_windows, tokenize
 from neuqi.eval.perplexity import perplexity
+from neuqi.formats.export import export_run
 from neuqi.models.adapters import adapter_for
 from neuqi.models.loading import load_model, load_tokenizer
-from neuqi.formats.export import export_run
 from neuqi.pipeline.config import RunConfig
 from neuqi.pipeline.run import quantize_model
 from neuqi.pipeline.sequential import block_hessians
