@@ -86,29 +86,60 @@ def eval_cmd(
     seqlen: int = 2048,
     windows: Annotated[int | None, typer.Option(help="cap on windows per set")] = None,
     kl: Annotated[str | None, typer.Option(help="FP model to measure KL / top-1 against")] = None,
+    tasks: Annotated[str, typer.Option(
+        help="lm-eval tasks, e.g. arc_easy,arc_challenge,hellaswag,piqa,winogrande or the offline "
+             "bigbench_social_iqa,bigbench_winowhy,bigbench_strategyqa,bigbench_logical_deduction,"
+             "bigbench_misconceptions,austen_lambada ('offline' = all of those)")] = "",
+    limit: Annotated[float | None, typer.Option(help="lm-eval: examples per task (or fraction)")] = None,
+    batch_size: Annotated[str, typer.Option(help="lm-eval batch size ('auto' or N)")] = "auto",
+    backend: Annotated[str, typer.Option(help="lm-eval backend: hf | vllm")] = "hf",
     device: str = "auto",
     dtype: str = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
-    """Perplexity (and optionally KL from the FP model); results merge into a run's result.json."""
+    """Perplexity, KL from the FP model and zero-shot accuracy; results merge into a run's result.json."""
+    from neuqi.data.tasks import OFFLINE_TASKS
     from neuqi.eval.run import evaluate_model
 
     _setup_logging(quiet)
+    task_list = [t for x in _split(tasks) for t in (OFFLINE_TASKS if x == "offline" else [x])]
+    bs: str | int = int(batch_size) if batch_size.isdigit() else batch_size
+    lim = int(limit) if limit is not None and limit >= 1 else limit
     try:
-        res = evaluate_model(model, _split(ppl), seqlen, windows, kl, device, dtype, quiet)
+        res = evaluate_model(model, _split(ppl), seqlen, windows, kl, device, dtype, quiet,
+                             task_list, lim, bs, backend)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         _fail(exc)
         return
-    table = Table(title=f"perplexity, seqlen {seqlen}")
-    table.add_column("set")
-    table.add_column("ppl", justify="right")
-    table.add_column("windows", justify="right")
-    for name, r in res["ppl"].items():
-        table.add_row(name, f"{r['ppl']:.3f}" if "ppl" in r else r.get("error", "?"),
-                      str(r.get("windows", "")))
-    console.print(table)
+    if res.get("ppl"):
+        table = Table(title=f"perplexity, seqlen {seqlen}")
+        table.add_column("set")
+        table.add_column("ppl", justify="right")
+        table.add_column("windows", justify="right")
+        for name, r in res["ppl"].items():
+            table.add_row(name, f"{r['ppl']:.3f}" if "ppl" in r else r.get("error", "?"),
+                          str(r.get("windows", "")))
+        console.print(table)
     for name, r in res.get("kl", {}).items():
         console.print(f"KL({name}) = {r['kl']:.5f}, top-1 agreement {r['top1_agreement']:.4f}")
+    if "zeroshot" in res:
+        _print_zeroshot(res["zeroshot"])
+
+
+def _print_zeroshot(zs: dict) -> None:
+    limit = f", limit {zs['limit']}" if zs.get("limit") else ""
+    table = Table(title=f"zero-shot (lm-evaluation-harness){limit}")
+    for col in ("task", "acc", "acc_norm", "n"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for name, r in zs["tasks"].items():
+        if "error" in r:
+            table.add_row(name, r["error"][:90], "", "")
+            continue
+        acc = f"{r['acc']:.4f} ± {r.get('acc_stderr', 0):.4f}" if "acc" in r else ""
+        table.add_row(name, acc, f"{r['acc_norm']:.4f}" if "acc_norm" in r else "", str(r.get("samples", "")))
+    if "mean_acc" in zs:
+        table.add_row("mean", f"{zs['mean_acc']:.4f}", f"{zs.get('mean_acc_norm', float('nan')):.4f}", "")
+    console.print(table)
 
 
 @app.command()

@@ -25,17 +25,25 @@ def evaluate_model(
     device: str = "auto",
     dtype: str = "auto",
     quiet: bool = False,
+    tasks: list[str] | None = None,
+    limit: float | None = None,
+    batch_size: str | int = "auto",
+    backend: str = "hf",
 ) -> dict:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model = load_model(model_path, dt)
     tokenizer = load_tokenizer(model_path)
-    res: dict = {"ppl": evaluate_sets(model, tokenizer, sets, seqlen, dev, max_windows, quiet)}
+    res: dict = {}
+    if sets:
+        res["ppl"] = evaluate_sets(model, tokenizer, sets, seqlen, dev, max_windows, quiet)
+    if tasks:
+        res["zeroshot"] = zero_shot(model, tokenizer, model_path, tasks, limit, batch_size, dev, backend)
     if kl_reference:
         reference = load_model(kl_reference, dt)
         res["kl"] = {}
         for name in sets:
-            if "error" in res["ppl"].get(name, {}):
+            if "error" in res.get("ppl", {}).get(name, {}):
                 continue
             ids = tokenize(load_text(name), tokenizer)
             windows = consecutive_windows(ids, seqlen, max_windows)
@@ -50,10 +58,33 @@ def evaluate_model(
     return res
 
 
+def zero_shot(model, tokenizer, model_path: str, tasks: list[str], limit, batch_size, device,
+              backend: str) -> dict:
+    from neuqi.data.cache import cache_dir
+    from neuqi.eval.zeroshot import lm_eval_model, run_tasks
+    from neuqi.formats.qlinear import QuantLinear
+
+    for mod in model.modules():  # de-quantize once, not at every forward
+        if isinstance(mod, QuantLinear):
+            mod.cache = True
+    lm = lm_eval_model(model, tokenizer, batch_size, device, backend, model_path)
+    return run_tasks(lm, tasks, cache_dir(), limit)
+
+
 def merge_eval(result_path: Path, res: dict) -> None:
-    """Add evaluation results to a run's result.json (atomic rewrite)."""
+    """Add evaluation results to a run's result.json (atomic rewrite); per-task and
+    per-set entries are replaced, summary figures recomputed."""
     data = json.loads(result_path.read_text())
     ev = data.setdefault("eval", {})
     for kind, per_set in res.items():
-        ev.setdefault(kind, {}).update(per_set)
+        if kind == "zeroshot":
+            zs = ev.setdefault("zeroshot", {"tasks": {}})
+            zs["tasks"].update(per_set["tasks"])
+            zs["limit"] = per_set.get("limit")
+            for metric in ("acc", "acc_norm"):
+                vals = [t[metric] for t in zs["tasks"].values() if metric in t]
+                if vals:
+                    zs[f"mean_{metric}"] = sum(vals) / len(vals)
+        else:
+            ev.setdefault(kind, {}).update(per_set)
     atomic_write_json(result_path, data)
