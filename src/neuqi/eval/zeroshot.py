@@ -60,7 +60,7 @@ def run_tasks(
     from lm_eval.tasks import TaskManager
 
     include = build_tasks(cache) if any(t in OFFLINE_TASKS for t in tasks) else None
-    manager = TaskManager(include_path=str(include) if include else None, verbosity="ERROR")
+    manager = TaskManager(include_path=str(include) if include else None)
     results: dict[str, dict] = {}
     for task in tasks:
         try:

@@ -1,0 +1,67 @@
+"""Offline lm-eval tasks: construction (unit) and a real lm-eval run on a tiny model."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from neuqi.data import tasks as tasks_mod
+from neuqi.data.tasks import bigbench_prompt, lambada_passages
+from neuqi.eval.run import merge_eval
+from neuqi.eval.zeroshot import lm_eval_model, run_tasks
+from neuqi.models.loading import load_model, load_tokenizer
+
+from ..conftest import SAMPLE_TEXT
+
+
+def test_bigbench_prompt_follows_the_task_json_conventions():
+    task = {"task_prefix": "Answer.\n", "append_choices_to_input": True}
+    ex = {"input": "Is ice cold? ", "target_scores": {"yes": 1, "no": 0}}
+    prompt, choices, gold = bigbench_prompt(task, ex)
+    assert prompt == "Answer.\n\nQ: Is ice cold?\n  choice: yes\n  choice: no\nA:"
+    assert choices == ["yes", "no"] and gold == 0
+    task = {"example_input_prefix": "", "example_output_prefix": " ", "append_choices_to_input": False}
+    prompt, _, gold = bigbench_prompt(task, {"input": "x", "target_scores": {"a": 0, "b": 1}})
+    assert prompt == "x" and gold == 1
+
+
+def test_lambada_passages_end_on_a_word_seen_in_context_and_are_deterministic():
+    text = " ".join(f"Sentence {i} mentions the garden of Longbourn and other things." for i in range(300))
+    a = lambada_passages(text, n=20, min_words=20, max_words=60)
+    assert a == lambada_passages(text, n=20, min_words=20, max_words=60)
+    assert len(a) == 20
+    for p in a:
+        assert re.search(rf"\b{p['target']}\b", p["context"]) and len(p["target"]) >= 4
+        assert p["target"].lower() not in tasks_mod._STOP
+
+
+@pytest.fixture
+def tiny_tasks(tmp_path, monkeypatch):
+    """The offline task set built from small local data instead of the 358 MB sdist."""
+    examples = [{"input": f"Question {i}?", "target_scores": {"yes": i % 2, "no": 1 - i % 2}}
+                for i in range(6)]
+    bb = {sub: {"examples": examples} for subs in tasks_mod.BIGBENCH_TASKS.values() for sub in subs}
+    monkeypatch.setattr(tasks_mod, "_bigbench_sdist", lambda cache: cache / "unused")
+    monkeypatch.setattr(tasks_mod, "_read_bigbench", lambda sdist: bb)
+    (tmp_path / "austen.txt").write_text(SAMPLE_TEXT)
+    monkeypatch.setattr("neuqi.data.corpora.load_text", lambda name, cache=None: SAMPLE_TEXT)
+    monkeypatch.setattr(tasks_mod, "lambada_passages", lambda text: lambada_passages(text, 5, 0, 40, 120))
+    return tmp_path / "cache"
+
+
+def test_lm_eval_runs_offline_tasks_on_our_model_object(tiny_model, tiny_tasks, tmp_path):
+    model, tok = load_model(tiny_model), load_tokenizer(tiny_model)
+    lm = lm_eval_model(model, tok, 4, torch.device("cpu"), "hf")
+    res = run_tasks(lm, ["bigbench_winowhy", "austen_lambada", "no_such_task"], tiny_tasks)
+    wino = res["tasks"]["bigbench_winowhy"]
+    assert 0 <= wino["acc"] <= 1 and "acc_norm" in wino and wino["samples"] == 6
+    lam = res["tasks"]["austen_lambada"]
+    assert lam.get("perplexity", 0) > 1 and 0 <= lam["acc"] <= 1, lam
+    assert "error" in res["tasks"]["no_such_task"]
+    assert res["mean_acc"] == pytest.approx((wino["acc"] + lam["acc"]) / 2)
+    # merged into a run's result.json, replacing per task and recomputing the mean
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps({"eval": {"zeroshot": {"tasks": {"bigbench_winowhy": {"acc": 0.0}}}}}))
+    merge_eval(path, {"zeroshot": res})
+    assert json.loads(path.read_text())["eval"]["zeroshot"]["mean_acc"] == pytest.approx(res["mean_acc"])
