@@ -145,6 +145,57 @@ def _print_zeroshot(zs: dict) -> None:
 
 
 @app.command()
+def distill(
+    run: Annotated[Path, typer.Argument(help="a finished neuqi run folder (the student)")],
+    teacher: Annotated[str, typer.Option(help="the FP model (folder or .gguf)")],
+    data: Annotated[str, typer.Option(help="c4-sample | austen-calib | c4 | FILE")] = "c4-sample",
+    nsamples: int = 256,
+    seqlen: int = 2048,
+    epochs: int = 1,
+    lr: float = 3e-4,
+    warmup: Annotated[float, typer.Option(help="warm-up fraction of the cosine schedule")] = 0.1,
+    batch_size: int = 1,
+    grad_accum: int = 1,
+    loss: Annotated[str, typer.Option(help="mse (final hidden states) | kl (logits)")] = "mse",
+    free_zero: Annotated[bool, typer.Option(help="let integer zero-points train as floats")] = False,
+    grad_checkpointing: bool = False,
+    eval: Annotated[str, typer.Option(help="perplexity sets before/after, '' for none")] = DEFAULT_EVAL,
+    eval_windows: Annotated[int | None, typer.Option(help="cap on windows per set")] = 8,
+    save_every: Annotated[int, typer.Option(help="save the training state every N steps")] = 50,
+    resume: Annotated[bool, typer.Option(help="continue from the last saved state")] = False,
+    out_dir: Annotated[Path | None, typer.Option(help="default: beside the source run")] = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Train scales, zero-points, norms and biases against the FP teacher (codes frozen)."""
+    from neuqi.distill import DistillConfig, distill_run
+
+    _setup_logging(quiet)
+    cfg = DistillConfig(run=str(run), teacher=teacher, data=data, nsamples=nsamples, seqlen=seqlen,
+                        epochs=epochs, lr=lr, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
+                        loss=loss, free_zero=free_zero, grad_checkpointing=grad_checkpointing,
+                        device=device, dtype=dtype, seed=seed, out_dir=str(out_dir) if out_dir else None,
+                        eval_sets=_split(eval), eval_windows=eval_windows, save_every=save_every)
+    try:
+        out = distill_run(cfg, quiet, resume)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        _fail(exc)
+        return
+    res = json.loads((out / "result.json").read_text())
+    table = Table(title=f"distillation ({res['distill']['steps']} steps, "
+                        f"{res['timing']['distill_seconds']:.0f} s)")
+    for col in ("set", "ppl before", "ppl after"):
+        table.add_column(col, justify="left" if col == "set" else "right")
+    for name, r in res["eval"]["ppl"].items():
+        b = res["eval"]["ppl_before"].get(name, {})
+        table.add_row(name, f"{b.get('ppl', float('nan')):.3f}", f"{r.get('ppl', float('nan')):.3f}")
+    console.print(table)
+    console.print(f"[green]wrote[/] {out}")
+
+
+@app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="a finished neuqi run folder")],
     format: Annotated[str, typer.Option("--format", "-f", help="compressed-tensors | gptq | hqq")],

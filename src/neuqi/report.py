@@ -156,6 +156,34 @@ def plot_layer_loss(row: dict, path: Path) -> bool:
     return True
 
 
+def plot_loss_curve(curve: list[dict], path: Path, title: str) -> bool:
+    """Distillation loss per optimizer step (log scale) with a moving average."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not curve:
+        return False
+    steps = [c["step"] for c in curve]
+    loss = [c["loss"] for c in curve]
+    k = max(1, len(loss) // 20)
+    windows = [loss[max(0, i - k + 1): i + 1] for i in range(len(loss))]
+    smooth = [sum(w) / len(w) for w in windows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, loss, alpha=0.35, label="loss")
+    ax.plot(steps, smooth, label=f"moving average ({k} steps)")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("teacher–student loss")
+    ax.set_title(f"distillation: {title}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
 def write_report(paths: list[Path], out: Path, layers_of: str | None = None) -> dict:
     """Write ``report.md``, ``ppl_vs_bits.png``, ``acc_vs_bits.png``, ``layer_loss.png``."""
     sets, table = rows(collect(paths))

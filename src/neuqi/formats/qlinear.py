@@ -54,6 +54,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw)) if bias else None
         self.cache = False
         self._dense: Tensor | None = None
+        self._codes: Tensor | None = None  # unpacked codes, kept while training (distillation)
 
     def zero_values(self) -> Tensor:
         """Zero-points as floats ``[n_groups, out]``."""
@@ -62,6 +63,8 @@ class QuantLinear(nn.Module):
         return unpack_zeros(self.qzeros, self.bits, self.out_features).float()
 
     def codes(self) -> Tensor:
+        if self._codes is not None:
+            return self._codes
         return unpack_weight(self.qweight, self.bits, self.in_features)
 
     def dequantize(self) -> Tensor:

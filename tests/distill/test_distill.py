@@ -1,0 +1,105 @@
+"""Light distillation on a tiny random-initialised model."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import neuqi
+from neuqi.distill import DistillConfig, distill_run
+from neuqi.distill.student import make_student, quant_linears
+from neuqi.models.loading import load_model, load_tokenizer
+from neuqi.pipeline.config import RunConfig
+from neuqi.pipeline.run import quantize_model
+
+from ..conftest import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from ..conftest import SAMPLE_TEXT
+
+    tmp = tmp_path_factory.mktemp("distill")
+    model = make_tiny_model(tmp / "tiny", "llama")
+    calib = tmp / "calib.txt"
+    calib.write_text(SAMPLE_TEXT)
+    runs = {}
+    for init in ("neuqi", "neuqi_int"):
+        cfg = RunConfig(model=str(model), bits=2, group_size=32, init=init, calib=str(calib), nsamples=4,
+                        seqlen=64, out_dir=str(tmp / "runs"), device="cpu")
+        runs[init] = quantize_model(cfg, quiet=True)
+    return tmp, model, calib, runs
+
+
+def _hidden_mse(student, teacher, ids) -> float:
+    with torch.no_grad():
+        return float(F.mse_loss(student.model(input_ids=ids).last_hidden_state,
+                                teacher.model(input_ids=ids).last_hidden_state))
+
+
+def test_distillation_lowers_the_teacher_student_loss_and_keeps_codes(setup):
+    _, model, calib, runs = setup
+    cfg = DistillConfig(run=str(runs["neuqi"]), teacher=str(model), data=str(calib), nsamples=16, seqlen=64,
+                        epochs=3, lr=1e-3, eval_sets=[str(calib)], eval_windows=2, save_every=0)
+    out = distill_run(cfg, quiet=True)
+    teacher = load_model(model)
+    from neuqi.data.corpora import consecutive_windows, load_text, tokenize
+
+    ids = consecutive_windows(tokenize(load_text(str(calib)), load_tokenizer(model)), 64, 8)  # training text
+    before, after = neuqi.load(runs["neuqi"]), neuqi.load(out)
+    assert _hidden_mse(after, teacher, ids) < 0.8 * _hidden_mse(before, teacher, ids)
+    for name, q in quant_linears(before).items():
+        q2 = quant_linears(after)[name]
+        assert torch.equal(q.codes(), q2.codes())  # integer codes frozen
+        assert not torch.equal(q.scales, q2.scales)  # scales trained
+        assert (q2.scales > 0).all()
+    res = json.loads((out / "result.json").read_text())
+    assert res["config"]["distilled"]["nsamples"] == 16 and res["distill"]["steps"] == 48
+    # round trip: the saved checkpoint (fp16 scales/zeros) reproduces the in-memory result
+    from neuqi.pipeline.run import evaluate_sets
+
+    ppl = evaluate_sets(after, load_tokenizer(model), [str(calib)], 2048, torch.device("cpu"), 2)
+    assert ppl[str(calib)]["ppl"] == pytest.approx(res["eval"]["ppl"][str(calib)]["ppl"], rel=1e-3)
+    assert (out / "loss_curve.png").stat().st_size > 1000
+
+
+def test_integer_zero_points_stay_integers_unless_free_zero(setup):
+    _, _, _, runs = setup
+    student = neuqi.load(runs["neuqi_int"])
+    trainable = {id(p) for p in make_student(student, free_zero=False)}
+    for q in quant_linears(student).values():
+        assert id(q.scales) in trainable and "qzeros" in q._buffers
+    student = neuqi.load(runs["neuqi_int"])
+    make_student(student, free_zero=True)
+    q = next(iter(quant_linears(student).values()))
+    assert q.zero_point == "float" and q.zeros.requires_grad
+    assert not student.model.embed_tokens.weight.requires_grad
+
+
+def test_resume_continues_from_the_saved_state(setup, monkeypatch):
+    tmp, model, calib, runs = setup
+    cfg = DistillConfig(run=str(runs["neuqi_int"]), teacher=str(model), data=str(calib), nsamples=12,
+                        seqlen=64, lr=1e-3, eval_sets=[], save_every=4, out_dir=str(tmp / "d"))
+    import neuqi.distill.trainer as trainer
+
+    real = trainer.distill_loss
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "distill_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill_run(cfg, quiet=True)
+    assert not (tmp / "d" / cfg.run_name()).exists()  # nothing half-written
+    assert (tmp / "d" / f".{cfg.run_name()}.state.pt").exists()
+    calls["n"] = -1000
+    out = distill_run(cfg, quiet=True, resume=True)
+    res = json.loads((out / "result.json").read_text())
+    assert [c["step"] for c in res["distill"]["curve"]] == list(range(1, 13))
+    assert calls["n"] == -1000 + 8  # steps 5..12 only
+    assert not (tmp / "d" / f".{cfg.run_name()}.state.pt").exists()
