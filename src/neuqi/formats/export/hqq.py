@@ -64,6 +64,11 @@ def write(src: ExportSource, out: Path, dtype: torch.dtype) -> None:
     if src.bits not in (2, 3, 4, 8):
         raise ValueError(f"HQQ packs 2/3/4/8-bit codes, not {src.bits}-bit")
     require_whole_groups(src, FORMAT)
+    per_byte = {2: 4, 4: 2}.get(src.bits, 1)  # HQQ packs whole slices of rows into a byte
+    for name, lin in src.linears.items():
+        if (lin.shape[0] * lin.shape[1] // lin.group_size) % per_byte:
+            raise ValueError(f"HQQ {src.bits}-bit packing needs the group count of {name} to be a "
+                             f"multiple of {per_byte}")
     HQQLinear, _, AutoHQQHFModel = _library()
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM

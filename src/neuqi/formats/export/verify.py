@@ -37,7 +37,8 @@ def check_tensors(fmt: str, folder: Path, src: ExportSource, dtype: torch.dtype)
     if set(got) != set(src.linears):
         missing = sorted(set(src.linears) - set(got))[:3]
         raise AssertionError(f"{fmt} export lacks quantized linears {missing}")
-    scale_dtype = torch.float16 if fmt == "gptq" else torch.float16 if fmt == "hqq" else dtype
+    # GPTQ and HQQ store fp16 scales whatever the model dtype; compressed-tensors the model's.
+    scale_dtype = dtype if fmt == "compressed-tensors" else torch.float16
     for name, lin in src.linears.items():
         codes, scales, zeros = got[name]
         if not np.array_equal(codes, lin.codes.numpy().astype(np.int64)):
