@@ -27,6 +27,20 @@ def test_quantize_then_eval_with_kl_merges_into_the_run(calib_file, tmp_path):
     kl = ev["kl"][str(calib_file)]
     assert kl["kl"] > 0 and 0 <= kl["top1_agreement"] <= 1
 
+    # the same run through export, verify, distill and report
+    res = runner.invoke(app, ["export", str(run_dir), "-f", "hqq", "--out", str(tmp_path / "hqq")])
+    assert res.exit_code == 0 and "bit-exact" in res.output, res.output
+    res = runner.invoke(app, ["verify", str(tmp_path / "hqq"), "--against", str(run_dir)])
+    assert res.exit_code == 0 and "top-1 agreement 1.0000" in res.output, res.output
+    res = runner.invoke(app, ["export", str(run_dir), "-f", "gptq", "--out", str(tmp_path / "g")])
+    assert res.exit_code == 2 and "neuqi_int" in res.output
+    res = runner.invoke(app, ["distill", str(run_dir), "--teacher", str(model), "--data", str(calib_file),
+                              "--nsamples", "4", "--seqlen", "64", "--eval", str(calib_file),
+                              "--eval-windows", "1", "--device", "cpu", "-q"])
+    assert res.exit_code == 0 and "ppl after" in res.output, res.output
+    res = runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0 and "NeUQI+LDLQ+distill" in res.output, res.output
+
 
 def test_errors_are_one_clear_line_and_a_nonzero_exit(tmp_path):
     res = runner.invoke(app, ["quantize", str(tmp_path / "missing"), "-q"])
