@@ -144,3 +144,19 @@ def test_a_damaged_gguf_file_gets_a_clear_error(calib_file, tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00")
     with pytest.raises(ValueError, match="could not be read as a model"):
         quantize_model(tiny_config(tmp_path / "m.gguf", calib_file, tmp_path / "runs"), quiet=True)
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    import os
+
+    from neuqi.io_utils import atomic_dir, atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "f").write_text("y")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
