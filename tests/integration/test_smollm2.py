@@ -65,10 +65,10 @@ def test_whole_model_round_trip_and_perplexity(smollm2, tmp_path):
     assert fp < q < 3 * fp, (fp, q)
     size = sum(f.stat().st_size for f in run_dir.glob("*.safetensors"))
     assert size < 0.5 * (smollm2 / "model.safetensors").stat().st_size
-    # The engines' formats, re-loaded by their own libraries (fp32 compute).
-    for fmt in ("compressed-tensors", "hqq"):
-        res = export_run(run_dir, fmt, tmp_path / fmt)
-        assert res["tensors"]["bit_exact"] and res["engine"]["max_rel_logit_diff"] <= 1e-4, res
+    # vLLM's format, re-loaded by transformers + compressed-tensors (fp32 compute); the
+    # other formats are checked on tiny models in tests/formats/test_export.py.
+    res = export_run(run_dir, "compressed-tensors", tmp_path / "ct")
+    assert res["tensors"]["bit_exact"] and res["engine"]["max_rel_logit_diff"] <= 1e-4, res
 
 
 @pytest.mark.parametrize(
