@@ -152,10 +152,10 @@ def distill_run(cfg: DistillConfig, quiet: bool = False, resume: bool = False) -
                     opt.step()
                     sched.step()
                     opt.zero_grad()
-                keep_scales_positive(acc.unwrap_model(student))
                 tokens += ids.numel()
                 if not acc.sync_gradients:
                     continue
+                keep_scales_positive(acc.unwrap_model(student))  # only after a real optimizer step
                 step += 1
                 curve.append({"step": step, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0]})
                 rate = tokens / (time.perf_counter() - t0)

@@ -89,13 +89,12 @@ def merge_eval(result_path: Path, res: dict) -> None:
     ev = data.setdefault("eval", {})
     for kind, per_set in res.items():
         if kind == "zeroshot":
+            from neuqi.eval.zeroshot import task_means
+
             zs = ev.setdefault("zeroshot", {"tasks": {}})
             zs["tasks"].update(per_set["tasks"])
             zs["limit"] = per_set.get("limit")
-            for metric in ("acc", "acc_norm"):
-                vals = [t[metric] for t in zs["tasks"].values() if metric in t]
-                if vals:
-                    zs[f"mean_{metric}"] = sum(vals) / len(vals)
+            zs.update(task_means(zs["tasks"]))
         else:
             ev.setdefault(kind, {}).update(per_set)
     atomic_write_json(result_path, data)

@@ -40,7 +40,7 @@ def export_run(
             gptq.write(src, tmp, dt, checkpoint_format)
         else:
             hqq.write(src, tmp, dt)
-        result = verify(tmp, run_dir, dtype) if check else {"ok": None, "skipped": "--no-verify"}
+        result = verify(tmp, run_dir, dtype, src) if check else {"ok": None, "skipped": "--no-verify"}
         result["export"] = str(out)
         if check and not result["ok"]:
             raise RuntimeError(f"the {fmt} export failed verification; nothing written: "

@@ -107,12 +107,13 @@ def compare_logits(engine_model, ours, vocab: int, tokens: int = 256, seed: int 
             "ok": rel <= LOGIT_TOL}
 
 
-def verify(export_dir: Path | str, run_dir: Path | str, dtype: str | None = None) -> dict:
+def verify(export_dir: Path | str, run_dir: Path | str, dtype: str | None = None,
+           src: ExportSource | None = None) -> dict:
     """Both checks; ``result["ok"]`` is False when either fails (engine check skipped
     with a reason when the consumer library is not installed)."""
     export_dir = Path(export_dir)
     fmt = detect_format(export_dir)
-    src = read_source(run_dir)
+    src = src or read_source(run_dir)  # the exporter passes the source it already read
     cfg = json.loads((export_dir / "config.json").read_text())
     dt = DTYPES[dtype or str(cfg.get("dtype") or cfg.get("torch_dtype") or "float16")]
     res: dict = {"format": fmt, "export": str(export_dir), "run": str(run_dir)}
