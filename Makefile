@@ -7,7 +7,7 @@ CACHE ?= $(CURDIR)/.cache/neuqi
 export NEUQI_CACHE := $(CACHE)
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo data lint clean
+.PHONY: venv test demo data lint clean bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: $(STAMP) data
 
 demo: $(STAMP) data
 	$(PY) -m neuqi.cli demo
+
+# Our methods vs llm-compressor, GPTQModel, AutoRound and HQQ, each in its own
+# venv under .venv-peers/ (pinned in bench/peers.py); ARGS passes options through.
+bench-peers: $(STAMP) data
+	$(PY) bench/peers.py $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

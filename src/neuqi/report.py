@@ -35,6 +35,8 @@ def method_label(cfg: dict) -> str:
     """Short method name: ``NeUQI+LDLQ``, ``GPTQ-minmax``, ``RTN``, ``FP16`` …"""
     if cfg.get("method") == "fp":
         return "FP"
+    if cfg.get("label"):  # another tool's run (bench/peers.py) names itself
+        return cfg["label"]
     algo = {"ldlq": "LDLQ", "gptq": "GPTQ", "rtn": "RTN"}.get(cfg.get("method", ""), cfg.get("method", "?"))
     init = {"neuqi": "NeUQI", "neuqi_int": "NeUQI_int", "minmax": "minmax", "mse": "MSE"}.get(
         cfg.get("init", ""), cfg.get("init", "?"))
@@ -59,6 +61,7 @@ def rows(records: list[dict]) -> tuple[list[str], list[dict]]:
         ppl = {k: v["ppl"] for k, v in rec.get("eval", {}).get("ppl", {}).items() if "ppl" in v}
         sets += [s for s in ppl if s not in sets]
         zs = rec.get("eval", {}).get("zeroshot", {})
+        kl = next(iter(rec.get("eval", {}).get("kl", {}).values()), {})
         gs = cfg.get("group_size")
         out.append({
             "run": rec.get("run_name", "?"),
@@ -67,6 +70,8 @@ def rows(records: list[dict]) -> tuple[list[str], list[dict]]:
             "group": "-" if gs is None else "ch" if gs == -1 else f"g{gs}",
             "ppl": ppl,
             "zeroshot": zs.get("mean_acc"),
+            "kl": kl.get("kl"),
+            "top1": kl.get("top1_agreement"),
             "quantize_s": rec.get("timing", {}).get("quantize_seconds"),
             "peak_rss_mb": rec.get("memory", {}).get("peak_rss_mb"),
             "size_mb": rec["checkpoint_bytes"] / 2**20 if rec.get("checkpoint_bytes") else None,
@@ -80,11 +85,13 @@ def _fmt(v, spec: str = ".2f") -> str:
 
 
 def markdown(sets: list[str], table: list[dict]) -> str:
-    head = ["method", "bits", "group", *[f"ppl {s}" for s in sets], "zero-shot acc", "quantize s",
-            "peak RSS MB", "size MB", "run"]
+    with_kl = any(r.get("kl") is not None for r in table)
+    head = ["method", "bits", "group", *[f"ppl {s}" for s in sets], *(["KL", "top-1"] if with_kl else []),
+            "zero-shot acc", "quantize s", "peak RSS MB", "size MB", "run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
-        cells = [r["method"], str(r["bits"]), r["group"], *[_fmt(r["ppl"].get(s)) for s in sets],
+        kl = [_fmt(r.get("kl"), ".4f"), _fmt(r.get("top1"), ".3f")] if with_kl else []
+        cells = [r["method"], str(r["bits"]), r["group"], *[_fmt(r["ppl"].get(s)) for s in sets], *kl,
                  _fmt(r["zeroshot"], ".4f"), _fmt(r["quantize_s"], ".0f"), _fmt(r["peak_rss_mb"], ".0f"),
                  _fmt(r["size_mb"], ".1f"), f"`{r['run']}`"]
         lines.append("| " + " | ".join(cells) + " |")

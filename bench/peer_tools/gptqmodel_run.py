@@ -1,0 +1,37 @@
+"""GPTQModel: GPTQ with act-order (``desc_act``), asymmetric, its default damping;
+the saved checkpoint is read back with its torch kernel and de-quantized."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import common
+
+
+def run(job: dict, out: Path) -> dict:
+    import gptqmodel
+    import torch
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+    torch.manual_seed(0)
+    windows = torch.load(job["windows"])
+    calibration = [{"input_ids": w.tolist(), "attention_mask": [1] * w.numel()} for w in windows]
+    cfg = QuantizeConfig(bits=job["bits"], group_size=job["group_size"], desc_act=True, sym=False)
+    quantizer = GPTQModel.load(job["model"], cfg, device="cpu")
+    _, seconds = common.timed(lambda: quantizer.quantize(calibration, batch_size=1, calibration_sort=None))
+    quantizer.save(str(out / "native"))
+    loaded = GPTQModel.load(str(out / "native"), device="cpu", backend=BACKEND.TORCH)
+    dense = {}
+    for name, mod in loaded.model.named_modules():
+        if hasattr(mod, "dequantize_weight") and hasattr(mod, "qweight"):
+            dense[f"{name}.weight"] = mod.dequantize_weight().T.detach().float().cpu().clone()
+    if not dense:
+        raise RuntimeError("GPTQModel's checkpoint holds no quantized linear")
+    common.check_levels(dense, job["bits"], job["group_size"])
+    common.save_dense(job["model"], dense, out / "model")
+    return {"version": gptqmodel.__version__, "quantize_seconds": seconds, "linears": len(dense),
+            "torch": torch.__version__}
+
+
+if __name__ == "__main__":
+    common.main(run, "GPTQModel")

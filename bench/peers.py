@@ -1,0 +1,339 @@
+"""Side by side with the tools people use: llm-compressor, GPTQModel, AutoRound, HQQ.
+
+    make bench-peers            # = python bench/peers.py
+    python bench/peers.py [--model PATH] [--configs 3:64,2:64,3:-1,4:-1] [--tools ...]
+        [--nsamples 32 --seqlen 512 --eval-windows 8 --kl-windows 4 --zeroshot-limit 60]
+
+Every peer gets its own virtual environment under ``.venv-peers/<tool>`` (pinned
+below), so its dependencies never touch ours.  The calibration windows are sampled
+once by neuqi's own sampler (the same call our runs make) and saved; every tool is
+fed exactly those windows.  Each peer writes dense weights holding its quantize-
+dequantize values, and *our* evaluation code measures every run the same way:
+perplexity (wiki-sample, brown, austen-test; windows of 2048), KL divergence from the
+FP model and top-1 agreement (wiki-sample), zero-shot accuracy (offline tasks).
+
+One tool runs at a time (wall times are comparable).  Everything is resumable: a
+finished run or evaluation is reused, a failed peer keeps its own error in the table.
+Writes ``bench/results/peers/<model>/{peers.json,peers.md}`` and the ``neuqi report``
+plots there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from neuqi.data.cache import cache_dir
+from neuqi.data.fetch import fetch_model
+from neuqi.data.tasks import OFFLINE_TASKS
+from neuqi.eval.run import merge_eval, zero_shot
+from neuqi.io_utils import atomic_path, atomic_write_json, atomic_write_text
+from neuqi.models.loading import load_model, load_tokenizer
+from neuqi.pipeline.config import RunConfig, resolve_device, resolve_dtype, short_model_name
+from neuqi.pipeline.run import calibration_windows, evaluate_sets, progress_bar, quantize_model
+from neuqi.report import method_label, write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS_DIR = Path(__file__).resolve().parent / "peer_tools"
+SETS = ["wiki-sample", "brown", "austen-test"]
+KL_SET = "wiki-sample"
+
+# tool -> pinned requirements of its own venv.  GPTQModel 7.7 requires torch >= 2.14.1,
+# of which PyPI has only the CUDA build (it runs on CPU too); the others take the CPU
+# wheel of our own torch.
+VENVS: dict[str, list[str]] = {
+    "llmcompressor": ["torch==2.13.0", "llmcompressor==0.14.0.1"],
+    "autoround": ["torch==2.13.0", "auto-round==0.16.1"],
+    "hqq": ["torch==2.13.0", "hqq==0.2.8.post1", "transformers==5.23.0"],
+    "gptqmodel": ["torch==2.14.1", "gptqmodel==7.7.0"],
+}
+# (tool, variant, label); a variant is what the runner script understands.
+PEERS = [
+    ("llmcompressor", "minmax", "llm-compressor GPTQ (minmax)"),
+    ("llmcompressor", "imatrix_mse", "llm-compressor GPTQ (imatrix_mse)"),
+    ("gptqmodel", "gptq", "GPTQModel GPTQ (act-order)"),
+    ("autoround", "neuqi", "AutoRound iters=0 + NeUQI (int zero)"),
+    ("autoround", "tuned", "AutoRound tuned (200 iters)"),
+    ("hqq", "hqq", "HQQ (float zero, no calibration)"),
+]
+# label -> (method, init, magr), exactly the runs of bench/ppl_table.py
+OURS = {
+    "RTN": ("rtn", "minmax", False),
+    "GPTQ-minmax (LDLQ+Hsort)": ("ldlq", "minmax", False),
+    "MagR+LDLQ": ("ldlq", "minmax", True),
+    "NeUQI_int+LDLQ": ("ldlq", "neuqi_int", False),
+    "NeUQI+LDLQ": ("ldlq", "neuqi", False),
+}
+DEFAULT_CONFIGS = "3:64,2:64,3:-1,4:-1"  # the claim (2-3 bit) first, so a cut-short run has it
+
+
+# ----------------------------------------------------------------------------- venvs
+def ensure_venv(tool: str, log_dir: Path) -> tuple[Path | None, str | None]:
+    """``(python, None)`` for a ready venv, or ``(None, error)`` with pip's own words."""
+    venv = ROOT / ".venv-peers" / tool
+    python = venv / "bin" / "python"
+    stamp = venv / ".installed"
+    want = "\n".join(VENVS[tool])
+    if stamp.exists() and stamp.read_text() == want:
+        return python, None
+    log = log_dir / f"install-{tool}.log"
+    steps = [[sys.executable, "-m", "venv", str(venv)],
+             [str(python), "-m", "pip", "install", "-q", VENVS[tool][0], "setuptools", "wheel"],
+             [str(python), "-m", "pip", "install", "-q", "--no-build-isolation", *VENVS[tool][1:]]]
+    env = {**os.environ, "BUILD_CUDA_EXT": "0"}  # GPTQModel: no kernels to compile on CPU
+    with log.open("w") as fh:
+        for cmd in steps:
+            if subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode:
+                tail = [ln for ln in log.read_text().splitlines() if ln.strip() and "Location" not in ln]
+                return None, f"install failed: {' '.join(tail[-3:])[-400:]}"
+    stamp.write_text(want)
+    return python, None
+
+
+# ----------------------------------------------------------------------------- runs
+def save_windows(windows: torch.Tensor, path: Path) -> str:
+    with atomic_path(path) as tmp:
+        torch.save(windows.clone(), tmp)
+    return hashlib.sha256(windows.numpy().tobytes()).hexdigest()
+
+
+def run_peer(tool: str, variant: str, bits: int, group: int, model: str, windows: Path, out: Path,
+             timeout: int) -> dict:
+    """The peer's record (``peer.json``), produced once; a failure keeps its own error."""
+    done = out / "peer.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    python, error = ensure_venv(tool, out.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    if error:
+        record = {"tool": tool, "variant": variant, "error": error}
+        atomic_write_json(done, record)
+        return record
+    job = out / "job.json"
+    atomic_write_json(job, {"model": model, "windows": str(windows), "bits": bits, "group_size": group,
+                            "variant": variant, "out": str(out)})
+    script = TOOLS_DIR / f"{tool}_run.py"
+    with (out / "log.txt").open("w") as fh:
+        try:
+            proc = subprocess.run([str(python), str(script), str(job)], stdout=fh, stderr=subprocess.STDOUT,
+                                  timeout=timeout, cwd=TOOLS_DIR)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    if not done.exists():  # the runner died before it could write its own record
+        tail = (out / "log.txt").read_text().strip().splitlines()[-3:]
+        atomic_write_json(done, {"tool": tool, "variant": variant,
+                                 "error": f"runner exit {rc} after {timeout if rc == 'timeout' else '?'} s: "
+                                          + " ".join(tail)[-400:]})
+    return json.loads(done.read_text())
+
+
+def evaluate(model_dir: str, reference, tokenizer, record: Path, args, device) -> dict:
+    """ppl on SETS, KL/top-1 on KL_SET, zero-shot: whatever ``record`` lacks."""
+    from neuqi.data.corpora import consecutive_windows, load_text, tokenize
+    from neuqi.eval.perplexity import divergence
+
+    ev = json.loads(record.read_text()).get("eval", {})
+    missing = [s for s in SETS if "ppl" not in ev.get("ppl", {}).get(s, {})]
+    want_kl = ev.get("kl", {}).get(KL_SET, {}).get("windows") != args.kl_windows
+    zs = ev.get("zeroshot", {})
+    tasks = [] if args.zeroshot_limit == 0 else [
+        t for t in args.tasks if zs.get("limit") != args.zeroshot_limit or t not in zs.get("tasks", {})]
+    if not (missing or want_kl or tasks):
+        return ev
+    model = load_model(model_dir, resolve_dtype("auto", device))
+    res: dict = {}
+    if missing:
+        res["ppl"] = evaluate_sets(model, tokenizer, missing, 2048, device, args.eval_windows)
+    if want_kl and reference is not None:
+        ids = tokenize(load_text(KL_SET), tokenizer)
+        wins = consecutive_windows(ids, 2048, args.kl_windows)
+        with progress_bar(True) as bar:
+            task = bar.add_task("KL", total=wins.shape[0], info="")
+            kl = divergence(model, reference, wins, device, lambda: bar.advance(task))
+        res["kl"] = {KL_SET: {**kl, "windows": args.kl_windows}}
+    if tasks:
+        res["zeroshot"] = zero_shot(model, tokenizer, model_dir, tasks, args.zeroshot_limit, 16, device, "hf")
+    merge_eval(record, res)
+    return json.loads(record.read_text())["eval"]
+
+
+def peer_result_json(rec: dict, label: str, bits: int, group: int, folder: Path) -> Path:
+    """A ``result.json`` in neuqi's run shape, so ``neuqi report`` reads peers too."""
+    path = folder / "result.json"
+    if not path.exists():
+        atomic_write_json(path, {
+            "run_name": folder.name,
+            "config": {"method": "peer", "label": label, "bits": bits, "group_size": group,
+                       "tool": rec["tool"], "variant": rec["variant"]},
+            "environment": {"tool_version": rec.get("version"), "torch": rec.get("torch")},
+            "timing": {"quantize_seconds": rec.get("quantize_seconds"),
+                       "wall_seconds": rec.get("wall_seconds")},
+            "memory": {"peak_rss_mb": rec.get("peak_rss_mb")},
+            "checkpoint_bytes": rec.get("native_bytes") or None,
+        })
+    return path
+
+
+# ----------------------------------------------------------------------------- table
+def row_of(label: str, tool: str, bits: int, group: int, rec: dict | None, error: str | None = None) -> dict:
+    rec = rec or {}
+    ev = rec.get("eval", {})
+    kl = ev.get("kl", {}).get(KL_SET, {})
+    return {
+        "tool": tool, "label": label, "bits": bits, "group_size": group,
+        "ppl": {s: ev.get("ppl", {}).get(s, {}).get("ppl") for s in SETS},
+        "kl": kl.get("kl"), "top1": kl.get("top1_agreement"),
+        "zeroshot": ev.get("zeroshot", {}).get("mean_acc"),
+        "quantize_s": rec.get("timing", {}).get("quantize_seconds"),
+        "peak_rss_mb": rec.get("memory", {}).get("peak_rss_mb"),
+        "size_mb": rec["checkpoint_bytes"] / 2**20 if rec.get("checkpoint_bytes") else None,
+        "error": error,
+    }
+
+
+def _f(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    out = [f"Model `{meta['model']}`; calibration {meta['nsamples']}×{meta['seqlen']} tokens of c4-sample "
+           f"(windows sha256 `{meta['windows_sha256'][:12]}`, the same for every tool); ppl on "
+           f"{meta['eval_windows']} windows of 2048; KL/top-1 vs FP on {KL_SET} "
+           f"({meta['kl_windows']} windows); zero-shot: mean acc over {len(meta['tasks'])} offline tasks, "
+           f"first {meta['zeroshot_limit']} each; "
+           f"{meta['hardware']}.", ""]
+    head = ["config", "tool", "method", *[f"ppl {s}" for s in SETS], "KL", "top-1", "zero-shot",
+            "quantize s", "peak RSS MB", "size MB"]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        grp = "ch" if r["group_size"] == -1 else f"g{r['group_size']}"
+        cfg = "-" if r["bits"] == 16 else f"{r['bits']}b {grp}"
+        if r["error"]:
+            out.append(f"| {cfg} | {r['tool']} | {r['label']} | " + f"failed: {r['error']}".replace("|", "/")
+                       + " |" * (len(head) - 3))
+            continue
+        out.append("| " + " | ".join([
+            cfg, r["tool"], r["label"], *[_f(r["ppl"][s], ".2f") for s in SETS], _f(r["kl"], ".4f"),
+            _f(r["top1"], ".3f"), _f(r["zeroshot"], ".3f"), _f(r["quantize_s"], ".0f"),
+            _f(r["peak_rss_mb"], ".0f"), _f(r["size_mb"], ".1f")]) + " |")
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    pairs = []
+    for item in text.split(","):
+        bits, _, group = item.partition(":")
+        pairs.append((int(bits), int(group or -1)))
+    return pairs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="local HF folder (default: the cached SmolLM2-135M)")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="bits:group,... (group -1 = channel-wise)")
+    ap.add_argument("--tools", default=None,
+                    help="comma list of tool or tool:variant (default: all but AutoRound tuned)")
+    ap.add_argument("--ours", default=",".join(OURS), help="comma list of our methods")
+    ap.add_argument("--distilled", nargs="*", default=[],
+                    help="distilled run folders (neuqi distill) to add as NeUQI+LDLQ+distill rows")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--kl-windows", type=int, default=4)
+    ap.add_argument("--zeroshot-limit", type=int, default=60, help="examples per task; 0 skips zero-shot")
+    ap.add_argument("--tasks", default=",".join(OFFLINE_TASKS))
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds one peer run may take")
+    ap.add_argument("--runs-dir", default="bench/results/runs",
+                    help="where our runs live (shared with ppl_table)")
+    ap.add_argument("--results", default="bench/results/peers")
+    args = ap.parse_args()
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    logging.basicConfig(level=logging.WARNING)
+    device = resolve_device("auto")
+    model = args.model or str(fetch_model(cache_dir()))
+    name = short_model_name(model)
+    out = Path(args.results) / name
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(model)
+    configs = parse_configs(args.configs)
+    selected = [p for p in PEERS if p[1] != "tuned"] if args.tools is None else [
+        p for p in PEERS for t in args.tools.split(",") if t in (p[0], f"{p[0]}:{p[1]}")]
+
+    base = RunConfig(model=model, nsamples=args.nsamples, seqlen=args.seqlen, out_dir=args.runs_dir,
+                     eval_sets=SETS, eval_windows=args.eval_windows)
+    windows = calibration_windows(base, tokenizer)
+    win_path = out / f"windows.n{args.nsamples}.L{args.seqlen}.pt"
+    sha = save_windows(windows, win_path)
+    hardware = (torch.cuda.get_device_name(0) if device.type == "cuda"
+                else f"CPU only, {os.cpu_count()} cores, torch {torch.__version__}")
+    meta = {"model": name, "nsamples": args.nsamples, "seqlen": args.seqlen, "windows_sha256": sha,
+            "eval_windows": args.eval_windows, "kl_windows": args.kl_windows, "tasks": args.tasks,
+            "zeroshot_limit": args.zeroshot_limit, "hardware": hardware,
+            "peer_requirements": {t: VENVS[t] for t in {p[0] for p in selected}}}
+    reference = load_model(model, resolve_dtype("auto", device))
+    fp_record = out / "fp.json"
+    if not fp_record.exists():
+        atomic_write_json(fp_record, {"run_name": name,
+                                      "config": {"method": "fp", "bits": 16, "model": model}})
+    evaluate(model, None, tokenizer, fp_record, args, device)
+    rows = [row_of("FP16", "-", 16, 0, json.loads(fp_record.read_text()))]
+    report_inputs = [fp_record]
+
+    def publish() -> None:
+        atomic_write_json(out / "peers.json", {"meta": meta, "rows": rows})
+        atomic_write_text(out / "peers.md", markdown(rows, meta))
+
+    publish()
+    for bits, group in configs:
+        for label in [m for m in args.ours.split(",") if m]:
+            method, init, magr = OURS[label]
+            cfg = RunConfig(**{**base.to_dict(), "bits": bits, "group_size": group, "method": method,
+                               "init": init, "magr": magr})
+            run_dir = Path(args.runs_dir) / cfg.run_name()
+            t0 = time.perf_counter()
+            if not (run_dir / "result.json").exists():
+                run_dir = quantize_model(cfg, quiet=True)
+            evaluate(str(run_dir), reference, tokenizer, run_dir / "result.json", args, device)
+            rows.append(row_of(method_label(cfg.to_dict()), "neuqi", bits, group,
+                               json.loads((run_dir / "result.json").read_text())))
+            report_inputs.append(run_dir)
+            logging.warning("neuqi %s %db g%d done (%.0f s)", label, bits, group, time.perf_counter() - t0)
+            publish()
+        for d in args.distilled:
+            rec = json.loads((Path(d) / "result.json").read_text())
+            c = rec["config"]
+            if (c["bits"], c["group_size"]) == (bits, group) and c.get("calib") == base.calib:
+                evaluate(d, reference, tokenizer, Path(d) / "result.json", args, device)
+                rows.append(row_of(method_label(c), "neuqi", bits, group,
+                                   json.loads((Path(d) / "result.json").read_text())))
+                report_inputs.append(Path(d))
+                publish()
+        for tool, variant, label in selected:
+            folder = out / "runs" / f"{tool}.{variant}.{bits}bit.{'ch' if group == -1 else f'g{group}'}"
+            rec = run_peer(tool, variant, bits, group, model, win_path, folder, args.timeout)
+            if "error" in rec:
+                rows.append(row_of(label, tool, bits, group, None, rec["error"]))
+            else:
+                result = peer_result_json(rec, label, bits, group, folder)
+                evaluate(str(folder / "model"), reference, tokenizer, result, args, device)
+                rows.append(row_of(label, tool, bits, group, json.loads(result.read_text())))
+                report_inputs.append(folder)
+            logging.warning("%s %s %db g%d: %s", tool, variant, bits, group, rec.get("error", "ok"))
+            publish()
+    write_report(report_inputs, out)
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
