@@ -143,7 +143,7 @@ def evaluate(model_dir: str, reference, tokenizer, record: Path, args, device) -
     from neuqi.eval.perplexity import divergence
 
     ev = json.loads(record.read_text()).get("eval", {})
-    missing = [s for s in SETS if "ppl" not in ev.get("ppl", {}).get(s, {})]
+    missing = [s for s in SETS if ev.get("ppl", {}).get(s, {}).get("windows") != args.eval_windows]
     want_kl = ev.get("kl", {}).get(KL_SET, {}).get("windows") != args.kl_windows
     zs = ev.get("zeroshot", {})
     tasks = [] if args.zeroshot_limit == 0 else [
@@ -194,7 +194,9 @@ def row_of(label: str, tool: str, bits: int, group: int, rec: dict | None, error
         "ppl": {s: ev.get("ppl", {}).get(s, {}).get("ppl") for s in SETS},
         "kl": kl.get("kl"), "top1": kl.get("top1_agreement"),
         "zeroshot": ev.get("zeroshot", {}).get("mean_acc"),
-        "quantize_s": rec.get("timing", {}).get("quantize_seconds"),
+        # a distilled run's time is its quantization plus the distillation
+        "quantize_s": (rec.get("timing", {}).get("quantize_seconds") or 0)
+        + (rec.get("timing", {}).get("distill_seconds") or 0) or None,
         "peak_rss_mb": rec.get("memory", {}).get("peak_rss_mb"),
         "size_mb": rec["checkpoint_bytes"] / 2**20 if rec.get("checkpoint_bytes") else None,
         "error": error,

@@ -1,0 +1,106 @@
+"""bench/peers.py orchestration and the peer runners' shared checks.
+
+The HQQ runner runs for real on a tiny model (HQQ is in our test extra); the other
+tools live in their own venvs and are exercised by ``make bench-peers`` only.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_tiny_model
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH / "peer_tools"))
+import common  # noqa: E402  (the runners' helper module, importable without neuqi)
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+peers = _load("bench_peers", BENCH / "peers.py")
+
+
+def test_check_levels_accepts_a_grid_and_refuses_raw_weights():
+    scale = torch.rand(8, 2, 1) + 0.1
+    codes = torch.randint(0, 8, (8, 2, 32)).float()
+    w = ((codes - 3.3) * scale).reshape(8, 64)
+    common.check_levels({"w": w}, bits=3, group_size=32)
+    with pytest.raises(RuntimeError, match="not quantized"):
+        common.check_levels({"w": torch.randn(8, 64)}, bits=3, group_size=32)
+    with pytest.raises(RuntimeError, match="not quantized"):  # 2 groups of 8 levels != one row of 8
+        common.check_levels({"w": w}, bits=3, group_size=-1)
+
+
+def test_parse_configs():
+    assert peers.parse_configs("3:64,2:64,4:-1,3") == [(3, 64), (2, 64), (4, -1), (3, -1)]
+
+
+def _fake_tool(tmp_path, monkeypatch, body: str) -> None:
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "common.py").write_text((BENCH / "peer_tools" / "common.py").read_text())
+    (tools / "fake_run.py").write_text(body)
+    monkeypatch.setattr(peers, "TOOLS_DIR", tools)
+    monkeypatch.setattr(peers, "ensure_venv", lambda tool, log_dir: (Path(sys.executable), None))
+
+
+def test_a_crashing_peer_becomes_an_error_row_and_is_not_rerun(tmp_path, monkeypatch):
+    _fake_tool(tmp_path, monkeypatch, "import sys\nprint('tool says: no kernel for this')\nsys.exit(3)\n")
+    out = tmp_path / "runs" / "fake.x.3bit.g64"
+    rec = peers.run_peer("fake", "x", 3, 64, "m", tmp_path / "w.pt", out, timeout=60)
+    assert "runner exit 3" in rec["error"] and "no kernel for this" in rec["error"]
+    (tmp_path / "tools" / "fake_run.py").write_text("raise SystemExit('must not run again')\n")
+    assert peers.run_peer("fake", "x", 3, 64, "m", tmp_path / "w.pt", out, timeout=60) == rec
+
+
+def test_a_tool_exception_is_recorded_with_its_own_words(tmp_path, monkeypatch):
+    body = ("import common\n"
+            "def run(job, out):\n    raise ValueError('group size 64 unsupported for 3 bits')\n"
+            "common.main(run, 'fake')\n")
+    _fake_tool(tmp_path, monkeypatch, body)
+    rec = peers.run_peer("fake", "x", 3, 64, "m", tmp_path / "w.pt", tmp_path / "o", timeout=60)
+    assert rec["error"] == "ValueError: group size 64 unsupported for 3 bits"
+    assert rec["peak_rss_mb"] > 0 and "traceback" in rec
+
+
+def test_markdown_keeps_columns_for_error_rows():
+    meta = {"model": "m", "nsamples": 2, "seqlen": 8, "windows_sha256": "ab" * 32, "eval_windows": 1,
+            "kl_windows": 1, "tasks": ["t"], "zeroshot_limit": 5, "hardware": "cpu"}
+    ok = peers.row_of("NeUQI+LDLQ", "neuqi", 3, 64, {
+        "eval": {"ppl": {s: {"ppl": 10.0} for s in peers.SETS},
+                 "kl": {peers.KL_SET: {"kl": 0.5, "top1_agreement": 0.8}}},
+        "timing": {"quantize_seconds": 3.0, "distill_seconds": 2.0}})
+    bad = peers.row_of("GPTQModel", "gptqmodel", 3, -1, None, "install failed: torch|cuda")
+    lines = peers.markdown([ok, bad], meta).splitlines()
+    table = [ln for ln in lines if ln.startswith("|")]
+    assert len({ln.count("|") for ln in table}) == 1
+    assert "| 5 |" in table[2]  # quantize + distill seconds
+    assert "failed: install failed: torch/cuda" in table[3]
+
+
+def test_hqq_runner_writes_a_quantized_dense_model(tmp_path):
+    pytest.importorskip("hqq")
+    hqq_run = _load("hqq_run", BENCH / "peer_tools" / "hqq_run.py")
+    model_dir = make_tiny_model(tmp_path / "tiny")
+    job = {"model": str(model_dir), "bits": 3, "group_size": 32, "variant": "hqq", "out": str(tmp_path / "o")}
+    rec = hqq_run.run(job, tmp_path / "o")
+    assert rec["linears"] == 14
+    from transformers import AutoModelForCausalLM
+
+    fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "model", dtype=torch.float32)
+    w_fp = fp.model.layers[0].mlp.down_proj.weight.detach()
+    w_q = q.model.layers[0].mlp.down_proj.weight.detach()
+    common.check_levels({"down": w_q}, 3, 32)
+    rel = float((w_q - w_fp).norm() / w_fp.norm())
+    assert 0.02 < rel < 0.5, rel  # changed by quantization, but close to the original
+    assert json.dumps(rec)
