@@ -2,7 +2,7 @@
 
     make bench-peers            # = python bench/peers.py
     python bench/peers.py [--model PATH] [--configs 3:64,2:64,3:-1,4:-1] [--tools ...]
-        [--nsamples 32 --seqlen 512 --eval-windows 8 --kl-windows 4 --zeroshot-limit 60]
+        [--nsamples 32 --seqlen 512 --eval-windows 8 --kl-windows 2 --zeroshot-limit 60]
 
 Every peer gets its own virtual environment under ``.venv-peers/<tool>`` (pinned
 below), so its dependencies never touch ours.  The calibration windows are sampled
@@ -252,7 +252,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=8)
-    ap.add_argument("--kl-windows", type=int, default=4)
+    ap.add_argument("--kl-windows", type=int, default=2)
     ap.add_argument("--zeroshot-limit", type=int, default=60, help="examples per task; 0 skips zero-shot")
     ap.add_argument("--tasks", default=",".join(OFFLINE_TASKS))
     ap.add_argument("--timeout", type=int, default=3600, help="seconds one peer run may take")
