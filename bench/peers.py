@@ -255,7 +255,7 @@ def main() -> None:
     ap.add_argument("--kl-windows", type=int, default=2)
     ap.add_argument("--zeroshot-limit", type=int, default=60, help="examples per task; 0 skips zero-shot")
     ap.add_argument("--tasks", default=",".join(OFFLINE_TASKS))
-    ap.add_argument("--timeout", type=int, default=3600, help="seconds one peer run may take")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds one peer run may take")
     ap.add_argument("--runs-dir", default="bench/results/runs",
                     help="where our runs live (shared with ppl_table)")
     ap.add_argument("--results", default="bench/results/peers")

@@ -20,7 +20,7 @@ def run(job: dict, out: Path) -> dict:
     quantizer = GPTQModel.load(job["model"], cfg, device="cpu")
     _, seconds = common.timed(lambda: quantizer.quantize(calibration, batch_size=1, calibration_sort=None))
     quantizer.save(str(out / "native"))
-    loaded = GPTQModel.load(str(out / "native"), device="cpu", backend=BACKEND.TORCH)
+    loaded = GPTQModel.load(str(out / "native"), device="cpu", backend=BACKEND.GPTQ_TORCH)
     dense = {}
     for name, mod in loaded.model.named_modules():
         if hasattr(mod, "dequantize_weight") and hasattr(mod, "qweight"):
