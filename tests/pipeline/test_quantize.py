@@ -160,3 +160,19 @@ def test_atomic_outputs_get_the_usual_permissions(tmp_path):
         os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_peak_memory_is_per_run_after_a_reset():
+    """A benchmark runs many jobs in one process: each must record its own peak."""
+    from neuqi.pipeline.run import peak_memory, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    big = torch.ones(64 * 2**20)  # 256 MB
+    big.add_(1)
+    before = peak_memory(cpu)["peak_rss_mb"]
+    del big
+    reset_peak_memory(cpu)
+    after = peak_memory(cpu)
+    if after["peak_rss_scope"] == "process":
+        pytest.skip("no /proc/self/clear_refs on this system")
+    assert after["peak_rss_mb"] < before - 200

@@ -79,7 +79,7 @@ def distill_run(cfg: DistillConfig, quiet: bool = False, resume: bool = False) -
     from neuqi.formats.checkpoint import load_quantized, write_checkpoint
     from neuqi.models.loading import load_model, load_tokenizer
     from neuqi.pipeline.config import resolve_device
-    from neuqi.pipeline.run import environment, evaluate_sets, peak_memory, progress_bar
+    from neuqi.pipeline.run import environment, evaluate_sets, peak_memory, progress_bar, reset_peak_memory
     from neuqi.quant.grid import QuantSpec
     from neuqi.report import plot_loss_curve
 
@@ -92,6 +92,7 @@ def distill_run(cfg: DistillConfig, quiet: bool = False, resume: bool = False) -
     if not (src / "config.json").exists():
         raise FileNotFoundError(f"{src} is not a neuqi run folder (config.json missing)")
     device = resolve_device(cfg.device)
+    reset_peak_memory(device)
     use_bf16 = device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if use_bf16 else "no",
                       gradient_accumulation_steps=cfg.grad_accum)

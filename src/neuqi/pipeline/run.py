@@ -8,6 +8,7 @@ something that looks finished; rerunning replaces it cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -64,9 +65,30 @@ def log_to_file(path: Path):
         root.setLevel(old_level)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak-memory window, so a run measured in a process that ran
+    others before (a benchmark) records its own peak, not the process's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with contextlib.suppress(OSError):  # Linux: "5" resets this process's VmHWM high-water mark
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _vm_hwm_kb() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory(device: torch.device) -> dict:
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"peak_rss_mb": rss_kb / 1024}
+    """Peak RSS since :func:`reset_peak_memory` (Linux) or of the whole process."""
+    hwm = _vm_hwm_kb()
+    rss_kb = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_mb": rss_kb / 1024, "peak_rss_scope": "run" if hwm is not None else "process"}
     if device.type == "cuda":
         out["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
@@ -209,8 +231,7 @@ def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool) -> di
     if cfg.low_memory and resolve_model_path(cfg.model)[1] is not None:
         raise ValueError("--low-memory reads safetensors shards; convert the .gguf to a folder first")
     tokenizer = load_tokenizer(cfg.model)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     state = None
     if cfg.low_memory:
         model, state, hooks = _lazy_model(cfg, dtype)
