@@ -21,6 +21,7 @@ plots there.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -112,8 +113,8 @@ def run_peer(tool: str, variant: str, bits: int, group: int, model: str, windows
     done = out / "peer.json"
     if done.exists():
         return json.loads(done.read_text())
-    python, error = ensure_venv(tool, out.parent)
     out.mkdir(parents=True, exist_ok=True)
+    python, error = ensure_venv(tool, out.parent)
     if error:
         record = {"tool": tool, "variant": variant, "error": error}
         atomic_write_json(done, record)
@@ -300,9 +301,8 @@ def main() -> None:
     for bits, group in configs:
         for label in [m for m in args.ours.split(",") if m]:
             method, init, magr = OURS[label]
-            cfg = RunConfig(**{**base.to_dict(), "bits": bits, "group_size": group, "method": method,
-                               "init": init, "magr": magr})
-            run_dir = Path(args.runs_dir) / cfg.run_name()
+            cfg = dataclasses.replace(base, bits=bits, group_size=group, method=method, init=init, magr=magr)
+            run_dir = Path(args.runs_dir) / cfg.run_name
             t0 = time.perf_counter()
             if not (run_dir / "result.json").exists():
                 run_dir = quantize_model(cfg, quiet=True)
