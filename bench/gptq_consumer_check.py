@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     python = ROOT / ".venv-peers" / "gptqmodel" / "bin" / "python"
     if not python.exists():
-        raise SystemExit("no GPTQModel venv: run `make bench-peers` (or bench/peers.py --tools gptqmodel) first")
+        raise SystemExit("no GPTQModel venv: run `make bench-peers` first")
     src = read_source(args.run)
     ours = our_model(src, torch.float16)
     vocab = ours.config.vocab_size
