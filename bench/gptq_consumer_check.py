@@ -3,8 +3,10 @@
     python bench/gptq_consumer_check.py EXPORT_DIR RUN_DIR
 
 Runs GPTQModel in its own venv (``.venv-peers/gptqmodel``, made by ``make bench-peers``)
-on 256 random tokens and compares its logits with our model's (fp16-rounded dense
-tensors, as exported).  Prints and writes ``EXPORT_DIR/gptqmodel_check.json``.
+and compares every layer's de-quantized weight (GPTQModel's own unpacking) and the
+logits on 256 random tokens with ours (GPTQModel computes in fp16 on CPU, we in fp32
+with the exported fp16 tensors, so logits differ by fp16 arithmetic).  Prints and
+writes ``EXPORT_DIR/gptqmodel_check.json``.
 """
 
 from __future__ import annotations
@@ -43,12 +45,19 @@ def main() -> None:
                               capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"GPTQModel could not load the export:\n{proc.stderr[-2000:]}")
-        theirs = torch.load(Path(tmp) / "logits.pt")
+        got = torch.load(Path(tmp) / "logits.pt")
         info = json.loads(proc.stdout.strip().splitlines()[-1])
+    modules = dict(ours.named_modules())
+    weight_err = 0.0
+    for name, w in got["weights"].items():
+        mine_w = modules[name].dequantize().to(torch.float16).float()
+        weight_err = max(weight_err, float((w - mine_w).abs().max() / mine_w.abs().max()))
     with torch.no_grad():
         mine = ours(input_ids=ids).logits.float()
-    res = {**info, "tokens": ids.numel(),
+    theirs = got["logits"]
+    res = {**info, "layers": len(got["weights"]), "max_rel_weight_diff": weight_err, "tokens": ids.numel(),
            "max_rel_logit_diff": float((theirs - mine).abs().max() / mine.std()),
+           "mean_rel_logit_diff": float((theirs - mine).abs().mean() / mine.std()),
            "top1_agreement": float((theirs.argmax(-1) == mine.argmax(-1)).float().mean())}
     atomic_write_json(args.export / "gptqmodel_check.json", res)
     print(json.dumps(res, indent=2))
