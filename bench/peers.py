@@ -110,6 +110,7 @@ def save_windows(windows: torch.Tensor, path: Path) -> str:
 def run_peer(tool: str, variant: str, bits: int, group: int, model: str, windows: Path, out: Path,
              timeout: int) -> dict:
     """The peer's record (``peer.json``), produced once; a failure keeps its own error."""
+    out, windows = out.resolve(), windows.resolve()  # the runner works in its own folder
     done = out / "peer.json"
     if done.exists():
         return json.loads(done.read_text())
