@@ -67,7 +67,8 @@ def test_a_tool_exception_is_recorded_with_its_own_words(tmp_path, monkeypatch):
             "def run(job, out):\n    raise ValueError('group size 64 unsupported for 3 bits')\n"
             "common.main(run, 'fake')\n")
     _fake_tool(tmp_path, monkeypatch, body)
-    rec = peers.run_peer("fake", "x", 3, 64, "m", tmp_path / "w.pt", tmp_path / "o", timeout=60)
+    monkeypatch.chdir(tmp_path)  # relative paths, as the bench passes them: the runner works elsewhere
+    rec = peers.run_peer("fake", "x", 3, 64, "m", Path("w.pt"), Path("runs/o"), timeout=60)
     assert rec["error"] == "ValueError: group size 64 unsupported for 3 bits"
     assert rec["peak_rss_mb"] > 0 and "traceback" in rec
 
