@@ -187,15 +187,20 @@ def peer_result_json(rec: dict, label: str, bits: int, group: int, folder: Path)
 
 
 # ----------------------------------------------------------------------------- table
-def row_of(label: str, tool: str, bits: int, group: int, rec: dict | None, error: str | None = None) -> dict:
+def row_of(label: str, tool: str, bits: int, group: int, rec: dict | None, error: str | None = None,
+           tasks: list[str] | None = None) -> dict:
+    """One table row; the zero-shot figure is the mean acc over ``tasks`` (a run's record
+    may hold more tasks, measured with another limit by another bench)."""
     rec = rec or {}
     ev = rec.get("eval", {})
     kl = ev.get("kl", {}).get(KL_SET, {})
+    per_task = ev.get("zeroshot", {}).get("tasks", {})
+    accs = [per_task[t]["acc"] for t in (tasks or per_task) if "acc" in per_task.get(t, {})]
     return {
         "tool": tool, "label": label, "bits": bits, "group_size": group,
         "ppl": {s: ev.get("ppl", {}).get(s, {}).get("ppl") for s in SETS},
         "kl": kl.get("kl"), "top1": kl.get("top1_agreement"),
-        "zeroshot": ev.get("zeroshot", {}).get("mean_acc"),
+        "zeroshot": sum(accs) / len(accs) if accs and len(accs) == len(tasks or per_task) else None,
         # a distilled run's time is its quantization plus the distillation
         "quantize_s": (rec.get("timing", {}).get("quantize_seconds") or 0)
         + (rec.get("timing", {}).get("distill_seconds") or 0) or None,
@@ -291,7 +296,7 @@ def main() -> None:
         atomic_write_json(fp_record, {"run_name": name,
                                       "config": {"method": "fp", "bits": 16, "model": model}})
     evaluate(model, None, tokenizer, fp_record, args, device)
-    rows = [row_of("FP16", "-", 16, 0, json.loads(fp_record.read_text()))]
+    rows = [row_of("FP16", "-", 16, 0, json.loads(fp_record.read_text()), tasks=args.tasks)]
     report_inputs = [fp_record]
 
     def publish() -> None:
@@ -309,7 +314,7 @@ def main() -> None:
                 run_dir = quantize_model(cfg, quiet=True)
             evaluate(str(run_dir), reference, tokenizer, run_dir / "result.json", args, device)
             rows.append(row_of(method_label(cfg.to_dict()), "neuqi", bits, group,
-                               json.loads((run_dir / "result.json").read_text())))
+                               json.loads((run_dir / "result.json").read_text()), tasks=args.tasks))
             report_inputs.append(run_dir)
             logging.warning("neuqi %s %db g%d done (%.0f s)", label, bits, group, time.perf_counter() - t0)
             publish()
@@ -319,7 +324,7 @@ def main() -> None:
             if (c["bits"], c["group_size"]) == (bits, group) and c.get("calib") == base.calib:
                 evaluate(d, reference, tokenizer, Path(d) / "result.json", args, device)
                 rows.append(row_of(method_label(c), "neuqi", bits, group,
-                                   json.loads((Path(d) / "result.json").read_text())))
+                                   json.loads((Path(d) / "result.json").read_text()), tasks=args.tasks))
                 report_inputs.append(Path(d))
                 publish()
         for tool, variant, label in selected:
@@ -330,7 +335,8 @@ def main() -> None:
             else:
                 result = peer_result_json(rec, label, bits, group, folder)
                 evaluate(str(folder / "model"), reference, tokenizer, result, args, device)
-                rows.append(row_of(label, tool, bits, group, json.loads(result.read_text())))
+                rows.append(row_of(label, tool, bits, group, json.loads(result.read_text()),
+                                   tasks=args.tasks))
                 report_inputs.append(folder)
             logging.warning("%s %s %db g%d: %s", tool, variant, bits, group, rec.get("error", "ok"))
             publish()

@@ -3,6 +3,7 @@ the saved checkpoint is read back with its torch kernel and de-quantized."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import common
@@ -13,6 +14,13 @@ def run(job: dict, out: Path) -> dict:
     import torch
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
+    # GPTQModel 7.7.0 sizes its CPU pool at (cores + 1) // 2 but asks 2 loader workers of
+    # it, which fails on a 2-core machine ("Virtual pool 'model_loader:cpu' requests 2
+    # workers but parent 'cpu' only has 1"); give its pool the 2 workers it asks for.
+    workaround = None
+    if ((os.cpu_count() or 1) + 1) // 2 < 2:
+        gptqmodel._default_cpu_workers = lambda: 2
+        workaround = "CPU pool raised to 2 workers (GPTQModel 7.7.0 fails on <= 2 cores otherwise)"
     torch.manual_seed(0)
     windows = torch.load(job["windows"])
     calibration = [{"input_ids": w.tolist(), "attention_mask": [1] * w.numel()} for w in windows]
@@ -30,7 +38,7 @@ def run(job: dict, out: Path) -> dict:
     common.check_levels(dense, job["bits"], job["group_size"])
     common.save_dense(job["model"], dense, out / "model")
     return {"version": gptqmodel.__version__, "quantize_seconds": seconds, "linears": len(dense),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "workaround": workaround}
 
 
 if __name__ == "__main__":
