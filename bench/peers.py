@@ -266,6 +266,8 @@ def main() -> None:
     ap.add_argument("--runs-dir", default="bench/results/runs",
                     help="where our runs live (shared with ppl_table)")
     ap.add_argument("--results", default="bench/results/peers")
+    ap.add_argument("--reuse-only", action="store_true",
+                    help="use only our runs that already exist in --runs-dir (no quantization of ours)")
     args = ap.parse_args()
     args.tasks = [t for t in args.tasks.split(",") if t]
     logging.basicConfig(level=logging.WARNING)
@@ -311,6 +313,9 @@ def main() -> None:
             run_dir = Path(args.runs_dir) / cfg.run_name
             t0 = time.perf_counter()
             if not (run_dir / "result.json").exists():
+                if args.reuse_only:
+                    logging.warning("no run %s: skipped (--reuse-only)", run_dir.name)
+                    continue
                 run_dir = quantize_model(cfg, quiet=True)
             evaluate(str(run_dir), reference, tokenizer, run_dir / "result.json", args, device)
             rows.append(row_of(method_label(cfg.to_dict()), "neuqi", bits, group,
