@@ -31,7 +31,9 @@ test: $(STAMP) data
 	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q --durations=10
 
-demo: $(STAMP) data
+# the demo fetches only what it uses (model, c4-sample, wiki-sample), not the whole `data`
+demo: $(STAMP)
+	$(PY) -m neuqi.data.fetch --only model,c4-sample,wiki-sample
 	$(PY) -m neuqi.cli demo
 
 # Our methods vs llm-compressor, GPTQModel, AutoRound and HQQ, each in its own
