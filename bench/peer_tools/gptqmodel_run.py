@@ -29,13 +29,16 @@ def run(job: dict, out: Path) -> dict:
     _, seconds = common.timed(lambda: quantizer.quantize(calibration, batch_size=1, calibration_sort=None))
     quantizer.save(str(out / "native"))
     loaded = GPTQModel.load(str(out / "native"), device="cpu", backend=BACKEND.GPTQ_TORCH)
-    dense = {}
+    dense, by_group = {}, {}
     for name, mod in loaded.model.named_modules():
         if hasattr(mod, "dequantize_weight") and hasattr(mod, "qweight"):
-            dense[f"{name}.weight"] = mod.dequantize_weight().T.detach().float().cpu().clone()
+            w = mod.dequantize_weight().T.detach().float().cpu().clone()
+            dense[f"{name}.weight"] = w
+            # act-order: column j belongs to group g_idx[j]; gather each group's columns
+            by_group[name] = w[:, torch.argsort(mod.g_idx.cpu(), stable=True)]
     if not dense:
         raise RuntimeError("GPTQModel's checkpoint holds no quantized linear")
-    common.check_levels(dense, job["bits"], job["group_size"])
+    common.check_levels(by_group, job["bits"], job["group_size"])
     common.save_dense(job["model"], dense, out / "model")
     return {"version": gptqmodel.__version__, "quantize_seconds": seconds, "linears": len(dense),
             "torch": torch.__version__, "workaround": workaround}
