@@ -110,7 +110,7 @@ def save_windows(windows: torch.Tensor, path: Path) -> str:
 def run_peer(tool: str, variant: str, bits: int, group: int, model: str, windows: Path, out: Path,
              timeout: int) -> dict:
     """The peer's record (``peer.json``), produced once; a failure keeps its own error."""
-    out, windows = out.resolve(), windows.resolve()  # the runner works in its own folder
+    out, windows = out.resolve(), windows.resolve()  # the runner works in the run folder
     done = out / "peer.json"
     if done.exists():
         return json.loads(done.read_text())
@@ -127,7 +127,7 @@ def run_peer(tool: str, variant: str, bits: int, group: int, model: str, windows
     with (out / "log.txt").open("w") as fh:
         try:
             proc = subprocess.run([str(python), str(script), str(job)], stdout=fh, stderr=subprocess.STDOUT,
-                                  timeout=timeout, cwd=TOOLS_DIR)
+                                  timeout=timeout, cwd=out)  # tools drop logs in their cwd
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
