@@ -43,6 +43,9 @@ from neuqi.pipeline.config import RunConfig, resolve_device, resolve_dtype, shor
 from neuqi.pipeline.run import calibration_windows, evaluate_sets, progress_bar, quantize_model
 from neuqi.report import method_label, write_report
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ppl_table import METHODS  # a sibling bench script, not a package
+
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS_DIR = Path(__file__).resolve().parent / "peer_tools"
 SETS = ["wiki-sample", "brown", "austen-test"]
@@ -66,14 +69,8 @@ PEERS = [
     ("autoround", "tuned", "AutoRound tuned (200 iters)"),
     ("hqq", "hqq", "HQQ (float zero, no calibration)"),
 ]
-# label -> (method, init, magr), exactly the runs of bench/ppl_table.py
-OURS = {
-    "RTN": ("rtn", "minmax", False),
-    "GPTQ-minmax (LDLQ+Hsort)": ("ldlq", "minmax", False),
-    "MagR+LDLQ": ("ldlq", "minmax", True),
-    "NeUQI_int+LDLQ": ("ldlq", "neuqi_int", False),
-    "NeUQI+LDLQ": ("ldlq", "neuqi", False),
-}
+# label -> (method, init, magr): exactly the runs of bench/ppl_table.py, so they are shared
+OURS = METHODS
 DEFAULT_CONFIGS = "3:64,2:64,3:-1,4:-1"  # the claim (2-3 bit) first, so a cut-short run has it
 
 
