@@ -105,12 +105,16 @@ def save_windows(windows: torch.Tensor, path: Path) -> str:
 
 
 def run_peer(tool: str, variant: str, bits: int, group: int, model: str, windows: Path, out: Path,
-             timeout: int) -> dict:
-    """The peer's record (``peer.json``), produced once; a failure keeps its own error."""
+             timeout: int, retry_failed: bool = False) -> dict:
+    """The peer's record (``peer.json``), produced once; a failure keeps its own error
+    (and is run again only with ``retry_failed``)."""
     out, windows = out.resolve(), windows.resolve()  # the runner works in the run folder
     done = out / "peer.json"
     if done.exists():
-        return json.loads(done.read_text())
+        record = json.loads(done.read_text())
+        if not (retry_failed and "error" in record):
+            return record
+        done.unlink()
     out.mkdir(parents=True, exist_ok=True)
     python, error = ensure_venv(tool, out.parent)
     if error:
@@ -263,6 +267,7 @@ def main() -> None:
     ap.add_argument("--runs-dir", default="bench/results/runs",
                     help="where our runs live (shared with ppl_table)")
     ap.add_argument("--results", default="bench/results/peers")
+    ap.add_argument("--retry-failed", action="store_true", help="run failed peers again")
     ap.add_argument("--reuse-only", action="store_true",
                     help="use only our runs that already exist in --runs-dir (no quantization of ours)")
     args = ap.parse_args()
@@ -331,7 +336,8 @@ def main() -> None:
                 publish()
         for tool, variant, label in selected:
             folder = out / "runs" / f"{tool}.{variant}.{bits}bit.{'ch' if group == -1 else f'g{group}'}"
-            rec = run_peer(tool, variant, bits, group, model, win_path, folder, args.timeout)
+            rec = run_peer(tool, variant, bits, group, model, win_path, folder, args.timeout,
+                           args.retry_failed)
             if "error" in rec:
                 rows.append(row_of(label, tool, bits, group, None, rec["error"]))
             else:

@@ -60,6 +60,8 @@ def test_a_crashing_peer_becomes_an_error_row_and_is_not_rerun(tmp_path, monkeyp
     assert "runner exit 3" in rec["error"] and "no kernel for this" in rec["error"]
     (tmp_path / "tools" / "fake_run.py").write_text("raise SystemExit('must not run again')\n")
     assert peers.run_peer("fake", "x", 3, 64, "m", tmp_path / "w.pt", out, timeout=60) == rec
+    again = peers.run_peer("fake", "x", 3, 64, "m", tmp_path / "w.pt", out, timeout=60, retry_failed=True)
+    assert "must not run again" in again["error"]
 
 
 def test_a_tool_exception_is_recorded_with_its_own_words(tmp_path, monkeypatch):
