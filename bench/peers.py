@@ -36,11 +36,11 @@ import torch
 from neuqi.data.cache import cache_dir
 from neuqi.data.fetch import fetch_model
 from neuqi.data.tasks import OFFLINE_TASKS
-from neuqi.eval.run import merge_eval, zero_shot
+from neuqi.eval.run import kl_on_set, merge_eval, zero_shot
 from neuqi.io_utils import atomic_path, atomic_write_json, atomic_write_text
 from neuqi.models.loading import load_model, load_tokenizer
 from neuqi.pipeline.config import RunConfig, resolve_device, resolve_dtype, short_model_name
-from neuqi.pipeline.run import calibration_windows, evaluate_sets, progress_bar, quantize_model
+from neuqi.pipeline.run import calibration_windows, evaluate_sets, quantize_model
 from neuqi.report import method_label, write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -142,9 +142,6 @@ def run_peer(tool: str, variant: str, bits: int, group: int, model: str, windows
 
 def evaluate(model_dir: str, reference, tokenizer, record: Path, args, device) -> dict:
     """ppl on SETS, KL/top-1 on KL_SET, zero-shot: whatever ``record`` lacks."""
-    from neuqi.data.corpora import consecutive_windows, load_text, tokenize
-    from neuqi.eval.perplexity import divergence
-
     ev = json.loads(record.read_text()).get("eval", {})
     missing = [s for s in SETS if ev.get("ppl", {}).get(s, {}).get("windows") != args.eval_windows]
     want_kl = ev.get("kl", {}).get(KL_SET, {}).get("windows") != args.kl_windows
@@ -158,12 +155,8 @@ def evaluate(model_dir: str, reference, tokenizer, record: Path, args, device) -
     if missing:
         res["ppl"] = evaluate_sets(model, tokenizer, missing, 2048, device, args.eval_windows)
     if want_kl and reference is not None:
-        ids = tokenize(load_text(KL_SET), tokenizer)
-        wins = consecutive_windows(ids, 2048, args.kl_windows)
-        with progress_bar(True) as bar:
-            task = bar.add_task("KL", total=wins.shape[0], info="")
-            kl = divergence(model, reference, wins, device, lambda: bar.advance(task))
-        res["kl"] = {KL_SET: {**kl, "windows": args.kl_windows}}
+        res["kl"] = {KL_SET: kl_on_set(model, reference, tokenizer, KL_SET, 2048, args.kl_windows,
+                                       device, quiet=True)}
     if tasks:
         res["zeroshot"] = zero_shot(model, tokenizer, model_dir, tasks, args.zeroshot_limit, 16, device, "hf")
     merge_eval(record, res)

@@ -65,3 +65,9 @@ def test_lm_eval_runs_offline_tasks_on_our_model_object(tiny_model, tiny_tasks, 
     path.write_text(json.dumps({"eval": {"zeroshot": {"tasks": {"bigbench_winowhy": {"acc": 0.0}}}}}))
     merge_eval(path, {"zeroshot": res})
     assert json.loads(path.read_text())["eval"]["zeroshot"]["mean_acc"] == pytest.approx(res["mean_acc"])
+    # a task measured on another subset (another --limit) is kept but left out of the mean
+    other = {"tasks": {"piqa": {"acc": 1.0, "acc_norm": 1.0}}, "limit": 7}
+    merge_eval(path, {"zeroshot": other})
+    zs = json.loads(path.read_text())["eval"]["zeroshot"]
+    assert zs["tasks"]["bigbench_winowhy"]["acc"] == wino["acc"] and zs["tasks"]["piqa"]["limit"] == 7
+    assert zs["mean_acc"] == 1.0 and zs["mean_over"] == ["piqa"]

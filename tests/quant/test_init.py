@@ -70,6 +70,37 @@ def test_best_zero_is_never_beaten_by_a_dense_z_grid(n, maxq, scale, seed):
     assert (loss <= dense * (1 + 1e-9) + 1e-12).all()
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 40),
+    maxq=st.sampled_from([1, 3, 7, 15]),
+    ratio=st.floats(0.02, 2.0),
+    seed=st.integers(0, 10_000),
+)
+def test_pair_bound_never_exceeds_the_best_loss_at_that_scale(n, maxq, ratio, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.distributions.StudentT(3.0).sample((6, n)).double() * 0.1
+    h = (torch.rand(6, n, generator=g).double() ** 3)
+    s = init_mod.minmax_scale(w, maxq) * ratio
+    spans, hp = init_mod._pair_bound_terms(w, h)
+    bound = init_mod._pair_bound(spans, hp, s, maxq)
+    _, loss = best_zero(w / s[:, None], h, maxq)
+    assert (bound <= loss * s * s * (1 + 1e-9) + 1e-15).all()
+
+
+def test_pruned_search_equals_trying_every_candidate(monkeypatch):
+    """The bound only skips candidates that could not win: same scales and zeros."""
+    w = torch.distributions.StudentT(3.0).sample((64, 256)) * 0.02
+    h = torch.rand(256) ** 3 + 1e-3
+    spec = QuantSpec(3, -1)
+    pruned = init_params(w, spec, "neuqi", h)
+    monkeypatch.setattr(init_mod, "_pair_bound", lambda spans, hp, s, maxq: torch.zeros_like(s))
+    full = init_params(w, spec, "neuqi", h)
+    err_p = group_weighted_error(w, fake_quantize(w, pruned, spec), spec, h)
+    err_f = group_weighted_error(w, fake_quantize(w, full, spec), spec, h)
+    assert torch.allclose(err_p, err_f, rtol=1e-5)
+
+
 def test_all_zero_importances_fall_back_to_uniform_weights():
     w = torch.randn(8, 32)
     spec = QuantSpec(3, 16)

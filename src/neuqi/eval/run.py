@@ -45,16 +45,8 @@ def evaluate_model(
         res["zeroshot"] = zero_shot(model, tokenizer, model_path, tasks, limit, batch_size, dev, backend)
     if kl_reference:
         reference = load_model(kl_reference, dt)
-        res["kl"] = {}
-        for name in sets:
-            if "error" in res.get("ppl", {}).get(name, {}):
-                continue
-            ids = tokenize(load_text(name), tokenizer)
-            windows = consecutive_windows(ids, seqlen, max_windows)
-            with progress_bar(quiet) as bar:
-                task = bar.add_task(f"KL {name}", total=windows.shape[0], info="")
-                res["kl"][name] = divergence(model, reference, windows, dev,
-                                             lambda t=task: bar.advance(t))
+        res["kl"] = {name: kl_on_set(model, reference, tokenizer, name, seqlen, max_windows, dev, quiet)
+                     for name in sets if "error" not in res.get("ppl", {}).get(name, {})}
         del reference
     run_result = Path(model_path) / "result.json"
     if run_result.exists():
@@ -67,6 +59,17 @@ def evaluate_model(
                                                                     "model": str(model_path)}})
         merge_eval(record, res)
     return res
+
+
+def kl_on_set(model, reference, tokenizer, name: str, seqlen: int, max_windows: int | None,
+              device, quiet: bool = False) -> dict:
+    """KL from ``reference`` and top-1 agreement on the first ``max_windows`` windows of
+    one text set; the window count is recorded so a later evaluation knows what it has."""
+    windows = consecutive_windows(tokenize(load_text(name), tokenizer), seqlen, max_windows)
+    with progress_bar(quiet) as bar:
+        task = bar.add_task(f"KL {name}", total=windows.shape[0], info="")
+        res = divergence(model, reference, windows, device, lambda: bar.advance(task))
+    return {**res, "windows": int(windows.shape[0])}
 
 
 def zero_shot(model, tokenizer, model_path: str, tasks: list[str], limit, batch_size, device,
@@ -92,9 +95,16 @@ def merge_eval(result_path: Path, res: dict) -> None:
             from neuqi.eval.zeroshot import task_means
 
             zs = ev.setdefault("zeroshot", {"tasks": {}})
-            zs["tasks"].update(per_set["tasks"])
-            zs["limit"] = per_set.get("limit")
-            zs.update(task_means(zs["tasks"]))
+            limit = per_set.get("limit")
+            zs["tasks"].update({t: {**r, "limit": limit} for t, r in per_set["tasks"].items()})
+            zs["limit"] = limit
+            # a mean over tasks measured on different subsets would compare nothing:
+            # average the tasks that share the latest limit (older ones stay recorded)
+            same = {t: r for t, r in zs["tasks"].items() if r.get("limit", limit) == limit}
+            for key in ("mean_acc", "mean_acc_norm"):
+                zs.pop(key, None)
+            zs.update(task_means(same))
+            zs["mean_over"] = sorted(t for t, r in same.items() if "error" not in r)
         else:
             ev.setdefault(kind, {}).update(per_set)
     atomic_write_json(result_path, data)

@@ -229,11 +229,13 @@ def _init_mse(
 def _pair_bound_terms(wg: Tensor, hg: Tensor) -> tuple[Tensor, Tensor]:
     """Spans and weights of the (k-th smallest, k-th largest) pairs of every group.
 
-    Whatever the zero-point, a grid of width ``maxq·s`` leaves a pair with span ``d``
-    at least ``(d − maxq·s)₊`` outside in total, which costs at least
-    ``h_a h_b / (h_a + h_b) · (d − maxq·s)₊²``; disjoint pairs add up.  So
-    ``Σ_k hp_k (d_k − maxq·s)₊²`` is a lower bound on the loss at scale ``s``
-    (tight for symmetric data) that prunes hopeless scales without a sweep.
+    Whatever the zero-point, the two de-quantized values of a pair with span ``d``
+    differ by ``m·s`` for an integer ``m`` in ``0..maxq``, so their errors differ by
+    ``d − m·s``; the cheapest way to split that difference costs
+    ``hp = h_a h_b / (h_a + h_b)`` times its square.  Disjoint pairs add up, so
+    ``Σ_k hp_k · min_m (d_k − m·s)²`` (:func:`_pair_bound`) is a lower bound on the
+    loss at scale ``s``: it prunes scales too small (the clipped outer pairs) and,
+    as the spans spread over the range, scales too large (their rounding error).
     """
     ws, order = torch.sort(wg, dim=1)
     hs = torch.gather(hg, 1, order)
@@ -242,6 +244,20 @@ def _pair_bound_terms(wg: Tensor, hg: Tensor) -> tuple[Tensor, Tensor]:
     lo_h, hi_h = hs[:, :half], hs.flip(1)[:, :half]
     hp = lo_h * hi_h / (lo_h + hi_h).clamp_min(1e-30)
     return hi_w - lo_w, hp
+
+
+def _pair_bound(spans: Tensor, hp: Tensor, s: Tensor, maxq: int) -> Tensor:
+    """Lower bound of every group's loss at scale ``s: [G]`` (see :func:`_pair_bound_terms`)."""
+    sc = s[:, None]
+    m = torch.clamp(torch.round(spans / sc), 0, maxq)
+    return (hp * (spans - m * sc) ** 2).sum(dim=1)
+
+
+def _coarse_order(top: int, skip: int, stride: int = 8) -> list[int]:
+    """Candidate indices ``top..1`` but ``skip``: every ``stride``-th first, so each group
+    holds a good loss early and the bound prunes most of the rest."""
+    first = [i for i in range(top, 0, -stride) if i != skip]
+    return first + [i for i in range(top, 0, -1) if i != skip and i not in set(first)]
 
 
 def _init_neuqi(
@@ -259,8 +275,8 @@ def _init_neuqi(
 
     Coarse candidates are ``s₀·i/coarse`` up to ``max_ratio·s₀``.  A group skips a
     candidate only when a lower bound of its loss there already exceeds its best,
-    so the result equals trying every candidate; they go from large to small, so
-    good ones are found early and the bound prunes most small scales.
+    so the result equals trying every candidate; a sparse pass over the grid comes
+    first, so good losses are found early and the bound prunes most of the rest.
 
     ``refine="grid"`` is the reference's fine stage (``±(fine/coarse)/2`` steps of
     ``s₀/fine``).  ``refine="exact"`` (default) alternates, ``rounds`` times, the
@@ -277,7 +293,7 @@ def _init_neuqi(
 
     def consider(s: Tensor) -> None:
         # A small margin guards the bound against float error.
-        lb = (hp * torch.relu(spans - maxq * s[:, None]) ** 2).sum(dim=1)
+        lb = _pair_bound(spans, hp, s, maxq)
         idx = torch.nonzero(lb * (1 - 1e-6) < best_l, as_tuple=True)[0]
         if idx.numel() == 0:
             return
@@ -291,9 +307,8 @@ def _init_neuqi(
         best_l[sel] = loss[better]
 
     top = round(coarse * max_ratio)
-    for i in range(top, 0, -1):
-        if i != coarse:  # s0 itself was evaluated above
-            consider(s0 * (i / coarse))
+    for i in _coarse_order(top, skip=coarse):  # s0 itself was evaluated above
+        consider(s0 * (i / coarse))
     if refine == "grid":
         centre = best_s.clone()
         half = (fine // coarse) // 2
