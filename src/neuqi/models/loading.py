@@ -21,6 +21,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def resolve_model_path(model: str | Path) -> tuple[Path, str | None]:
     """``(folder, gguf_file)`` for a model folder or a ``.gguf`` path; clear errors."""
     p = Path(model).expanduser()
+    if not p.exists() and str(model) in _registry_models():
+        from neuqi.data.cache import cache_dir
+        from neuqi.data.fetch import fetch_model
+
+        return fetch_model(cache_dir(), str(model)), None
     if p.is_file() and p.suffix == ".gguf":
         return p.parent, p.name
     if p.is_dir():
@@ -33,10 +38,17 @@ def resolve_model_path(model: str | Path) -> tuple[Path, str | None]:
     if not p.exists() and "/" in str(model) and not str(model).startswith((".", "/")):
         raise FileNotFoundError(
             f"model {model!r} is not a local path, and neuqi does not download from a hub. "
-            f"Point MODEL at a local folder or .gguf file; `make data` fetches the default "
-            f"SmolLM2-135M into the cache (neuqi info shows where)."
+            f"Point MODEL at a local folder or .gguf file, or name one of the models that "
+            f"come from package registries: {', '.join(sorted(_registry_models()))}."
         )
-    raise FileNotFoundError(f"model path {p} does not exist")
+    raise FileNotFoundError(f"model path {p} does not exist (models by name, fetched from "
+                            f"package registries: {', '.join(sorted(_registry_models()))})")
+
+
+def _registry_models() -> list[str]:
+    from neuqi.data.fetch import MODELS
+
+    return list(MODELS)
 
 
 def load_tokenizer(model: str | Path):
