@@ -40,11 +40,11 @@ from neuqi.eval.run import kl_on_set, merge_eval, zero_shot
 from neuqi.io_utils import atomic_path, atomic_write_json, atomic_write_text
 from neuqi.models.loading import load_model, load_tokenizer
 from neuqi.pipeline.config import RunConfig, resolve_device, resolve_dtype, short_model_name
-from neuqi.pipeline.run import calibration_windows, evaluate_sets, quantize_model
+from neuqi.pipeline.run import calibration_windows, evaluate_sets
 from neuqi.report import method_label, write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppl_table import METHODS  # a sibling bench script, not a package
+from ppl_table import METHODS, quantize_standalone  # a sibling bench script, not a package
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS_DIR = Path(__file__).resolve().parent / "peer_tools"
@@ -311,7 +311,7 @@ def main() -> None:
                 if args.reuse_only:
                     logging.warning("no run %s: skipped (--reuse-only)", run_dir.name)
                     continue
-                run_dir = quantize_model(cfg, quiet=True)
+                run_dir = quantize_standalone(cfg)
             evaluate(str(run_dir), reference, tokenizer, run_dir / "result.json", args, device)
             rows.append(row_of(method_label(cfg.to_dict()), "neuqi", bits, group,
                                json.loads((run_dir / "result.json").read_text()), tasks=args.tasks))

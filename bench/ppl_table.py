@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +25,24 @@ from neuqi.eval.run import evaluate_model
 from neuqi.io_utils import atomic_write_json
 from neuqi.models.loading import load_model, load_tokenizer
 from neuqi.pipeline.config import RunConfig, resolve_device, resolve_dtype
-from neuqi.pipeline.run import evaluate_sets, quantize_model, read_result
+from neuqi.pipeline.run import evaluate_sets, read_result
+
+
+def quantize_standalone(cfg: RunConfig) -> Path:
+    """``quantize_model(cfg)`` in a fresh Python process, as ``neuqi quantize`` runs it.
+
+    A run inside a long-lived benchmark process would record that process's memory
+    (the FP reference, earlier runs' allocator leftovers: ~2.6 GB for SmolLM2) in its
+    peak RSS; the peers' runners are fresh processes, so ours must be too."""
+    child = ("import pickle, sys; from neuqi.pipeline.run import quantize_model; "
+             "print(quantize_model(pickle.loads(sys.stdin.buffer.read()), quiet=True))")
+    proc = subprocess.run([sys.executable, "-c", child], input=pickle.dumps(cfg),
+                          stdout=subprocess.PIPE, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"quantizing {cfg.run_name} failed (exit {proc.returncode}; its log is "
+                           f"under {cfg.out_dir})")
+    return Path(proc.stdout.decode().strip().splitlines()[-1])
+
 
 # label -> (method, init, magr)
 METHODS = {
@@ -81,7 +101,7 @@ def main() -> None:
         run_dir = Path(args.out_dir) / cfg.run_name
         t0 = time.time()
         if not (run_dir / "result.json").exists():
-            quantize_model(cfg, quiet=True)
+            quantize_standalone(cfg)
         if missing := stale_sets(read_result(run_dir).get("eval", {}).get("ppl", {})):
             evaluate_model(str(run_dir), missing, max_windows=args.eval_windows, quiet=True)
         res = read_result(run_dir)

@@ -107,3 +107,24 @@ def test_hqq_runner_writes_a_quantized_dense_model(tmp_path):
     rel = float((w_q - w_fp).norm() / w_fp.norm())
     assert 0.02 < rel < 0.5, rel  # changed by quantization, but close to the original
     assert json.dumps(rec)
+
+
+def test_our_runs_are_measured_in_a_fresh_process(tmp_path, calib_file):
+    """The run's peak RSS is its own, not the benchmark process's: ballast held here
+    (as the bench holds the FP reference) must not show up in it."""
+    from neuqi.pipeline.config import RunConfig
+
+    ballast = torch.ones(2**30 // 4)  # 1 GB resident in this process
+    model = make_tiny_model(tmp_path / "tiny", "llama")
+    cfg = RunConfig(model=str(model), bits=3, group_size=32, method="ldlq", init="minmax",
+                    calib=str(calib_file), nsamples=4, seqlen=32, out_dir=str(tmp_path / "runs"),
+                    device="cpu")
+    run_dir = peers.quantize_standalone(cfg)
+    assert run_dir == tmp_path / "runs" / cfg.run_name and (run_dir / "result.json").exists()
+    mem = json.loads((run_dir / "result.json").read_text())["memory"]
+    parent_mb = int(next(ln for ln in Path("/proc/self/status").read_text().splitlines()
+                         if ln.startswith("VmRSS:")).split()[1]) / 1024
+    assert mem["peak_rss_mb"] < parent_mb - 500 and float(ballast[0]) == 1.0
+    bad = RunConfig(model=str(tmp_path / "missing"), out_dir=str(tmp_path / "runs"), device="cpu")
+    with pytest.raises(RuntimeError, match="failed"):
+        peers.quantize_standalone(bad)
