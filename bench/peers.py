@@ -1,7 +1,7 @@
 """Side by side with the tools people use: llm-compressor, GPTQModel, AutoRound, HQQ.
 
     make bench-peers            # = python bench/peers.py
-    python bench/peers.py [--model PATH] [--configs 3:64,2:64,3:-1,4:-1] [--tools ...]
+    python bench/peers.py [--model PATH|qwen2.5-coder-0.5b] [--configs 3:64,2:64,3:-1,4:-1] [--tools ...]
         [--nsamples 32 --seqlen 512 --eval-windows 8 --kl-windows 2 --zeroshot-limit 60]
 
 Every peer gets its own virtual environment under ``.venv-peers/<tool>`` (pinned
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from neuqi.data.cache import cache_dir
-from neuqi.data.fetch import fetch_model
+from neuqi.data.fetch import DEFAULT_MODEL, MODELS, fetch_model
 from neuqi.data.tasks import OFFLINE_TASKS
 from neuqi.eval.run import kl_on_set, merge_eval, zero_shot
 from neuqi.io_utils import atomic_path, atomic_write_json, atomic_write_text
@@ -243,7 +243,8 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="local HF folder (default: the cached SmolLM2-135M)")
+    ap.add_argument("--model", default=None,
+                    help=f"local HF folder or a registry model {sorted(MODELS)} (default: {DEFAULT_MODEL})")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="bits:group,... (group -1 = channel-wise)")
     ap.add_argument("--tools", default=None,
                     help="comma list of tool or tool:variant (default: all but AutoRound tuned)")
@@ -267,7 +268,8 @@ def main() -> None:
     args.tasks = [t for t in args.tasks.split(",") if t]
     logging.basicConfig(level=logging.WARNING)
     device = resolve_device("auto")
-    model = args.model or str(fetch_model(cache_dir()))
+    model = str(fetch_model(cache_dir(), args.model or DEFAULT_MODEL)) if args.model in (None, *MODELS) \
+        else args.model
     name = short_model_name(model)
     out = Path(args.results) / name
     out.mkdir(parents=True, exist_ok=True)
