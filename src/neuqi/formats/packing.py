@@ -13,37 +13,51 @@ import torch
 from torch import Tensor
 
 
+def _slots(bits: int) -> list[tuple[int, int, int]]:
+    """Where value ``j`` of a 32-value block lives: ``(j, word, shift)``; a value with
+    ``shift + bits > 32`` continues at bit 0 of ``word + 1`` (3-bit straddling)."""
+    return [(j, *divmod(bits * j, 32)) for j in range(32)]
+
+
 def pack_rows(codes: Tensor, bits: int) -> Tensor:
-    """Pack ``codes: [n, m]`` (values < 2^bits) along dim 0 → int32 ``[ceil(n/32)·bits, m]``."""
+    """Pack ``codes: [n, m]`` (values < 2^bits) along dim 0 → int32 ``[ceil(n/32)·bits, m]``.
+
+    Each of the 32 positions of a block is shifted straight into its word(s), for all
+    blocks and columns at once: temporaries stay at a few times the packed size (a
+    per-bit expansion would be 64× the codes, and the pipeline packs every linear of
+    a model back to back).
+    """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     n, m = codes.shape
-    c = codes.to(torch.int64)
-    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 1 << bits):
+    if codes.numel() and (float(codes.min()) < 0 or float(codes.max()) >= 1 << bits):
         raise ValueError(f"codes do not fit in {bits} bits")
     pad = (-n) % 32
     if pad:
-        c = torch.cat([c, c.new_zeros(pad, m)])
-    blocks = c.view(-1, 32, m)  # [B, 32, m]
-    shifts = torch.arange(bits, device=c.device)
-    bit = (blocks[:, :, None, :] >> shifts[None, None, :, None]) & 1  # [B, 32, bits, m]
-    stream = bit.reshape(blocks.shape[0], bits, 32, m)  # bit k of the stream at [k//32, k%32]
-    weights = (torch.ones(32, dtype=torch.int64, device=c.device) << torch.arange(32, device=c.device))
-    words = (stream * weights[None, None, :, None]).sum(dim=2)  # [B, bits, m] in 0..2^32-1
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
+        codes = torch.cat([codes, codes.new_zeros(pad, m)])
+    blocks = codes.view(-1, 32, m)
+    words = torch.zeros(blocks.shape[0], bits, m, dtype=torch.int64, device=codes.device)
+    for j, word, shift in _slots(bits):
+        v = blocks[:, j].to(torch.int64)
+        words[:, word] |= (v << shift) & 0xFFFFFFFF
+        if shift + bits > 32:
+            words[:, word + 1] |= v >> (32 - shift)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)  # as signed int32
     return words.reshape(-1, m).to(torch.int32)
 
 
 def unpack_rows(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of :func:`pack_rows`: int32 ``[ceil(n/32)·bits, m]`` → uint8 ``[n, m]``."""
     m = packed.shape[1]
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    words = words.view(-1, bits, m)  # [B, bits, m]
-    k = torch.arange(32, device=packed.device)
-    stream = (words[:, :, None, :] >> k[None, None, :, None]) & 1  # [B, bits, 32, m]
-    bit = stream.reshape(words.shape[0], 32, bits, m)
-    vals = (bit << torch.arange(bits, device=packed.device)[None, None, :, None]).sum(dim=2)
-    return vals.reshape(-1, m)[:n].to(torch.uint8)
+    words = (packed.to(torch.int64) & 0xFFFFFFFF).view(-1, bits, m)  # [B, bits, m]
+    vals = torch.empty(words.shape[0], 32, m, dtype=torch.uint8, device=packed.device)
+    mask = (1 << bits) - 1
+    for j, word, shift in _slots(bits):
+        v = words[:, word] >> shift
+        if shift + bits > 32:
+            v = v | (words[:, word + 1] << (32 - shift))
+        vals[:, j] = v & mask
+    return vals.reshape(-1, m)[:n]
 
 
 def pack_weight(codes: Tensor, bits: int) -> Tensor:
