@@ -75,6 +75,22 @@ def test_a_tool_exception_is_recorded_with_its_own_words(tmp_path, monkeypatch):
     assert rec["peak_rss_mb"] > 0 and "traceback" in rec
 
 
+def test_peer_peak_rss_is_its_own_and_taken_when_the_quantization_call_returns(tmp_path, monkeypatch):
+    """Neither the bench process's RSS (``ru_maxrss`` survives exec) nor what the runner
+    allocates afterwards (read-back, dense copy) is the tool's."""
+    body = ("import common\n"
+            "def run(job, out):\n"
+            "    common.timed(lambda: None)\n"
+            "    after = b'x' * (400 * 2**20)  # the runner's own work, resident\n"
+            "    return {'quantize_seconds': 0.0, 'n': len(after)}\n"
+            "common.main(run, 'fake')\n")
+    _fake_tool(tmp_path, monkeypatch, body)
+    ballast = torch.ones(2**30 // 4)  # the bench process is large; its RSS is not the peer's
+    rec = peers.run_peer("fake", "x", 3, 64, "m", tmp_path / "w.pt", tmp_path / "o", timeout=60)
+    assert rec["peak_rss_scope"] == "through the quantization call"
+    assert rec["peak_rss_mb"] < 300 < rec["runner_peak_rss_mb"] < 900 and float(ballast[0]) == 1.0
+
+
 def test_markdown_keeps_columns_for_error_rows():
     meta = {"model": "m", "nsamples": 2, "seqlen": 8, "windows_sha256": "ab" * 32, "eval_windows": 1,
             "kl_windows": 1, "tasks": ["t"], "zeroshot_limit": 5, "hardware": "cpu"}
