@@ -176,3 +176,16 @@ def test_peak_memory_is_per_run_after_a_reset():
     if after["peak_rss_scope"] == "process":
         pytest.skip("no /proc/self/clear_refs on this system")
     assert after["peak_rss_mb"] < before - 200
+
+
+def test_peak_memory_says_process_wide_when_the_reset_did_not_take(monkeypatch):
+    """Sandboxes may ignore /proc/self/clear_refs: the peak must not then claim to be the run's."""
+    from neuqi.pipeline import run
+
+    monkeypatch.setattr(run, "_proc_status_kb", lambda: {"VmHWM": 900_000, "VmRSS": 300_000})
+    run.reset_peak_memory(torch.device("cpu"))
+    mem = run.peak_memory(torch.device("cpu"))
+    assert mem == {"peak_rss_mb": 900_000 / 1024, "peak_rss_scope": "process"}
+    monkeypatch.setattr(run, "_proc_status_kb", lambda: {"VmHWM": 300_000, "VmRSS": 300_000})
+    run.reset_peak_memory(torch.device("cpu"))
+    assert run.peak_memory(torch.device("cpu"))["peak_rss_scope"] == "run"

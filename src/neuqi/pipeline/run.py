@@ -65,30 +65,46 @@ def log_to_file(path: Path):
         root.setLevel(old_level)
 
 
+_rss_window_reset = False  # did the last reset_peak_memory really restart VmHWM?
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a fresh peak-memory window, so a run measured in a process that ran
-    others before (a benchmark) records its own peak, not the process's."""
+    others before (a benchmark) records its own peak, not the process's.
+
+    Linux resets VmHWM when "5" is written to /proc/self/clear_refs; some sandboxes
+    refuse the write or ignore it, so the reset is checked (VmHWM back at VmRSS) and
+    the peak is labelled "process" wide when it did not take."""
+    global _rss_window_reset
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with contextlib.suppress(OSError):  # Linux: "5" resets this process's VmHWM high-water mark
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
+    status = _proc_status_kb()
+    hwm, rss = status.get("VmHWM"), status.get("VmRSS")
+    _rss_window_reset = hwm is not None and rss is not None and hwm <= rss + 4096
 
 
-def _vm_hwm_kb() -> int | None:
+def _proc_status_kb() -> dict[str, int]:
+    """The kB fields of /proc/self/status that we read (empty off Linux)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
+        lines = Path("/proc/self/status").read_text().splitlines()
     except OSError:
-        pass
-    return None
+        return {}
+    return {
+        key: int(rest.split()[0])
+        for key, _, rest in (line.partition(":") for line in lines)
+        if key in ("VmHWM", "VmRSS")
+    }
 
 
 def peak_memory(device: torch.device) -> dict:
-    """Peak RSS since :func:`reset_peak_memory` (Linux) or of the whole process."""
-    hwm = _vm_hwm_kb()
+    """Peak RSS since :func:`reset_peak_memory` when that reset took, else of the
+    whole process (``peak_rss_scope`` says which)."""
+    hwm = _proc_status_kb().get("VmHWM")
     rss_kb = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"peak_rss_mb": rss_kb / 1024, "peak_rss_scope": "run" if hwm is not None else "process"}
+    scope = "run" if hwm is not None and _rss_window_reset else "process"
+    out = {"peak_rss_mb": rss_kb / 1024, "peak_rss_scope": scope}
     if device.type == "cuda":
         out["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
