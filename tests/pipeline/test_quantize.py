@@ -164,6 +164,7 @@ def test_atomic_outputs_get_the_usual_permissions(tmp_path):
 
 def test_peak_memory_is_per_run_after_a_reset():
     """A benchmark runs many jobs in one process: each must record its own peak."""
+    from neuqi.pipeline import run
     from neuqi.pipeline.run import peak_memory, reset_peak_memory
 
     cpu = torch.device("cpu")
@@ -171,6 +172,9 @@ def test_peak_memory_is_per_run_after_a_reset():
     big.add_(1)
     before = peak_memory(cpu)["peak_rss_mb"]
     del big
+    rss_now = run._proc_status_kb().get("VmRSS", 0) / 1024
+    if rss_now > before - 200:
+        pytest.skip("the allocator kept the freed pages: no lower peak to tell apart")
     reset_peak_memory(cpu)
     after = peak_memory(cpu)
     if after["peak_rss_scope"] == "process":
