@@ -6,7 +6,7 @@ Each repeat is a fresh Python process (as a user's run is) that samples its own 
 every 0.1 s; the samples are split by the run's log lines into model loading, the
 layer loop and checkpoint writing, so a peak can be traced to its phase.  Repeats
 show whether the peak is stable: allocator fragmentation makes it vary from run to
-run.  Writes ``bench/results/peak_memory.json``.
+run.  Writes ``bench/results/peak_memory[.MODEL].json``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from neuqi.data.cache import cache_dir
 from neuqi.data.fetch import fetch_model
+from neuqi.io_utils import atomic_write_json
 
 CHILD = r"""
 import json, sys, threading, time
@@ -89,9 +90,10 @@ def main() -> None:
         cells = [i, row["peak_rss_mb"], row["load_and_first_layer_mb"], row["layers_mb"],
                  row["checkpoint_mb"], row["seconds"]]
         print(" ".join(f"{c:13.0f}" for c in cells), flush=True)
-    out = Path(__file__).parent / "results" / "peak_memory.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2) + "\n")
+    name = Path(model).name
+    out = Path(__file__).parent / "results" / ("peak_memory.json" if args.model is None
+                                               else f"peak_memory.{name}.json")
+    atomic_write_json(out, {"settings": vars(args), "model": name, "rows": rows})
     print(f"wrote {out}")
 
 
