@@ -171,3 +171,19 @@ def test_neuqi_int_sweep_is_never_worse_than_the_reference_grid(bits, group):
     ref = integer_zero_grid_reference(w, spec, h)
     assert (ours <= ref * (1 + 1e-5)).all()
     assert ours.sum() < ref.sum()  # the continuous scale finds strictly better points
+
+
+def test_chunked_sweeps_trim_the_heap_on_cpu_and_keep_their_results(monkeypatch):
+    """The chunk loops return freed heap pages every _TRIM_EVERY chunks (glibc
+    fragmentation grew one 4.4M-weight linear's RSS by ~0.5-0.8 GB without it)."""
+    monkeypatch.setenv("NEUQI_COMPILE", "0")
+    torch.manual_seed(0)
+    u, h = torch.randn(3000, 64) * 3, torch.rand(3000, 64)
+    expected = best_zero(u, h, 7)
+    calls = []
+    monkeypatch.setattr(init_mod, "release_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(init_mod, "_CHUNK_ELEMENTS", {"cpu": 64 * 7 * 10})  # 10 groups a chunk
+    z, loss = best_zero(u, h, 7)
+    assert len(calls) == 300 // init_mod._TRIM_EVERY
+    torch.testing.assert_close(z, expected[0])
+    torch.testing.assert_close(loss, expected[1])

@@ -10,8 +10,6 @@ the layer being processed sits on the work device.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from neuqi.formats.checkpoint import QuantizedLinear
+from neuqi.memory import release_freed_memory
 from neuqi.models.adapters import Adapter, decoder_layers
 from neuqi.quant import QuantSpec, dequantize, gptq_quantize
 
@@ -46,30 +45,6 @@ class QuantOptions:
     damp: float
     magr: bool
     magr_alpha: float | None
-
-
-def _load_libc():
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _load_libc()
-
-
-def release_freed_memory() -> None:
-    """Give freed heap pages back to the OS (glibc only; a no-op elsewhere).
-
-    glibc keeps the memory of freed tensors for reuse, and once its mmap threshold
-    has grown, later large tensors come from that fragmented heap: a layer's freed
-    activations then count in the process's RSS for the rest of the run.  Trimming
-    once per layer is cheap and keeps the peak near one layer's working set.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 @torch.no_grad()
