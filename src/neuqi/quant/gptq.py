@@ -41,7 +41,7 @@ class GPTQResult:
 
 def damp_hessian(H: Tensor, damp: float) -> Tensor:
     """``H + damp · mean(diag H) · I`` in float64; dead inputs (diag 0) get 1."""
-    H = H.double().clone()
+    H = H.to(torch.float64, copy=True)  # one copy, whatever H's dtype
     diag = torch.diagonal(H)
     dead = diag <= 0
     diag[dead] = 1.0
@@ -50,25 +50,34 @@ def damp_hessian(H: Tensor, damp: float) -> Tensor:
     return H
 
 
+def damped_diagonal(H: Tensor, damp: float) -> Tensor:
+    """The diagonal of :func:`damp_hessian` (float32) without the n×n copy."""
+    diag = torch.diagonal(H).double().clone()
+    diag[diag <= 0] = 1.0
+    diag += damp * diag.mean()
+    return diag.float()
+
+
 def _factor(H: Tensor, damp: float, algorithm: str, max_tries: int = 8) -> tuple[Tensor, float]:
     """Damp and factor H, raising the damping tenfold until the factorisation succeeds.
 
     Returns ``(F, damp_used)``: for GPTQ the upper Cholesky factor of ``H⁻¹``; for LDLQ
     the unit upper triangular ``U`` of ``H = U D Uᵀ``.
     """
+    # Every n×n float64 intermediate is dropped as soon as the next exists: at
+    # n = 4864 (a 0.5B model's down_proj) each is 190 MB, and holding all five
+    # made this the largest transient of a layer (+0.9 GB).
     d = damp
     for _ in range(max_tries):
-        Hd = damp_hessian(H, d)
         try:
             if algorithm == "gptq":
-                L = torch.linalg.cholesky(Hd)
-                Hinv = torch.cholesky_inverse(L)
-                F = torch.linalg.cholesky(Hinv, upper=True)
+                F = torch.linalg.cholesky(damp_hessian(H, d))
+                F = torch.cholesky_inverse(F)
+                F = torch.linalg.cholesky(F, upper=True)
             else:
                 # Cholesky of the flipped matrix gives an upper factor R with H = R Rᵀ.
-                C = torch.linalg.cholesky(Hd.flip(0, 1))
-                R = C.flip(0, 1)
-                F = R / torch.diagonal(R)[None, :]
+                F = torch.linalg.cholesky(damp_hessian(H, d).flip(0, 1)).flip(0, 1)
+                F /= torch.diagonal(F).clone()[None, :]
             if torch.isfinite(F).all():
                 return F.float(), d
         except torch.linalg.LinAlgError:
@@ -179,7 +188,7 @@ def gptq_quantize(
         alpha = magr_alpha if magr_alpha is not None else (1e-3 if spec.group_size == -1 else 1e-4)
         W = magr_preprocess(W, H, spec.group_size, alpha=alpha, iters=magr_iters)
     t_magr = time.perf_counter()
-    h_diag = torch.diagonal(damp_hessian(H, damp)).float()
+    h_diag = damped_diagonal(H, damp)
     if clip is None:
         clip = magr_clip(spec) if (magr and init == "minmax") else 1.0
     params = init_params(W, spec, init, h_diag, clip=clip)
@@ -197,8 +206,8 @@ def gptq_quantize(
     else:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
         idx = perm if perm is not None else torch.arange(n, device=device)
-        Hp = H[idx][:, idx]
-        F, damp_used = _factor(Hp, damp, algorithm)
+        # one gather, and the permuted copy lives only through the factorisation
+        F, damp_used = _factor(H[idx[:, None], idx], damp, algorithm)
         Qp = _solve(W[:, idx], F, S[:, idx], Z[:, idx], spec.maxq, algorithm, block_size)
         codes = torch.empty_like(Qp)
         codes[:, idx] = Qp
