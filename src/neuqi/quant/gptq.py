@@ -41,21 +41,21 @@ class GPTQResult:
 
 def damp_hessian(H: Tensor, damp: float) -> Tensor:
     """``H + damp · mean(diag H) · I`` in float64; dead inputs (diag 0) get 1."""
-    H = H.to(torch.float64, copy=True)  # one copy, whatever H's dtype
-    diag = torch.diagonal(H)
-    dead = diag <= 0
-    diag[dead] = 1.0
-    mean = diag.mean()
-    diag += damp * mean
-    return H
+    Hd = H.to(torch.float64, copy=True)  # one copy, whatever H's dtype
+    torch.diagonal(Hd).copy_(_damped_diag64(H, damp))
+    return Hd
 
 
 def damped_diagonal(H: Tensor, damp: float) -> Tensor:
     """The diagonal of :func:`damp_hessian` (float32) without the n×n copy."""
+    return _damped_diag64(H, damp).float()
+
+
+def _damped_diag64(H: Tensor, damp: float) -> Tensor:
     diag = torch.diagonal(H).double().clone()
     diag[diag <= 0] = 1.0
     diag += damp * diag.mean()
-    return diag.float()
+    return diag
 
 
 def _factor(H: Tensor, damp: float, algorithm: str, max_tries: int = 8) -> tuple[Tensor, float]:
