@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from neuqi.data.corpora import load_text, sample_windows, tokenize
-from neuqi.memory import release_freed_memory
+from neuqi.memory import process_memory_kb, release_freed_memory
 from neuqi.models.adapters import adapter_for
 from neuqi.models.loading import load_model, load_tokenizer
 from neuqi.pipeline.sequential import (
@@ -31,12 +31,7 @@ from neuqi.quant.grid import QuantSpec
 
 
 def status_mb() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmHWM", "VmRSS"):
-            out[key] = int(rest.split()[0]) // 1024
-    return out
+    return {key: kb // 1024 for key, kb in process_memory_kb().items()}
 
 
 def main() -> None:

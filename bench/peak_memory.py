@@ -25,15 +25,13 @@ from neuqi.io_utils import atomic_write_json
 
 CHILD = r"""
 import json, sys, threading, time
-from pathlib import Path
+from neuqi.memory import process_memory_kb
 from neuqi.pipeline.config import RunConfig
 from neuqi.pipeline.run import quantize_model
 samples = []
 def sample():
     while True:
-        for ln in Path("/proc/self/status").read_text().splitlines():
-            if ln.startswith("VmRSS:"):
-                samples.append((time.time(), int(ln.split()[1]) / 1024))
+        samples.append((time.time(), process_memory_kb().get("VmRSS", 0) / 1024))
         time.sleep(0.1)
 threading.Thread(target=sample, daemon=True).start()
 cfg = RunConfig(**json.loads(sys.argv[1]))

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from neuqi.memory import process_memory_kb
 from tests.conftest import make_tiny_model
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
@@ -138,8 +139,7 @@ def test_our_runs_are_measured_in_a_fresh_process(tmp_path, calib_file):
     run_dir = peers.quantize_standalone(cfg)
     assert run_dir == tmp_path / "runs" / cfg.run_name and (run_dir / "result.json").exists()
     mem = json.loads((run_dir / "result.json").read_text())["memory"]
-    parent_mb = int(next(ln for ln in Path("/proc/self/status").read_text().splitlines()
-                         if ln.startswith("VmRSS:")).split()[1]) / 1024
+    parent_mb = process_memory_kb()["VmRSS"] / 1024
     assert mem["peak_rss_mb"] < parent_mb - 500 and float(ballast[0]) == 1.0
     bad = RunConfig(model=str(tmp_path / "missing"), out_dir=str(tmp_path / "runs"), device="cpu")
     with pytest.raises(RuntimeError, match="failed"):

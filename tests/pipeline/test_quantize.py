@@ -160,38 +160,3 @@ def test_atomic_outputs_get_the_usual_permissions(tmp_path):
         os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
-
-
-def test_peak_memory_is_per_run_after_a_reset():
-    """A benchmark runs many jobs in one process: each must record its own peak."""
-    from neuqi.memory import release_freed_memory
-    from neuqi.pipeline import run
-    from neuqi.pipeline.run import peak_memory, reset_peak_memory
-
-    cpu = torch.device("cpu")
-    big = torch.ones(64 * 2**20)  # 256 MB
-    big.add_(1)
-    before = peak_memory(cpu)["peak_rss_mb"]
-    del big
-    release_freed_memory()  # glibc may keep the freed pages otherwise
-    rss_now = run._proc_status_kb().get("VmRSS", 0) / 1024
-    if rss_now > before - 200:
-        pytest.skip("the allocator kept the freed pages: no lower peak to tell apart")
-    reset_peak_memory(cpu)
-    after = peak_memory(cpu)
-    if after["peak_rss_scope"] == "process":
-        pytest.skip("no /proc/self/clear_refs on this system")
-    assert after["peak_rss_mb"] < before - 200
-
-
-def test_peak_memory_says_process_wide_when_the_reset_did_not_take(monkeypatch):
-    """Sandboxes may ignore /proc/self/clear_refs: the peak must not then claim to be the run's."""
-    from neuqi.pipeline import run
-
-    monkeypatch.setattr(run, "_proc_status_kb", lambda: {"VmHWM": 900_000, "VmRSS": 300_000})
-    run.reset_peak_memory(torch.device("cpu"))
-    mem = run.peak_memory(torch.device("cpu"))
-    assert mem == {"peak_rss_mb": 900_000 / 1024, "peak_rss_scope": "process"}
-    monkeypatch.setattr(run, "_proc_status_kb", lambda: {"VmHWM": 300_000, "VmRSS": 300_000})
-    run.reset_peak_memory(torch.device("cpu"))
-    assert run.peak_memory(torch.device("cpu"))["peak_rss_scope"] == "run"

@@ -77,9 +77,10 @@ def distill_run(cfg: DistillConfig, quiet: bool = False, resume: bool = False) -
     from transformers import get_cosine_schedule_with_warmup
 
     from neuqi.formats.checkpoint import load_quantized, write_checkpoint
+    from neuqi.memory import peak_memory, reset_peak_memory
     from neuqi.models.loading import load_model, load_tokenizer
     from neuqi.pipeline.config import resolve_device
-    from neuqi.pipeline.run import environment, evaluate_sets, peak_memory, progress_bar, reset_peak_memory
+    from neuqi.pipeline.run import environment, evaluate_sets, progress_bar
     from neuqi.quant.grid import QuantSpec
     from neuqi.report import plot_loss_curve
 

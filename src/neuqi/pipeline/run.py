@@ -8,11 +8,9 @@ something that looks finished; rerunning replaces it cleanly.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import platform
-import resource
 import shutil
 import time
 from contextlib import contextmanager
@@ -27,6 +25,7 @@ from neuqi.data.fetch import TEXT_VERSION
 from neuqi.eval.perplexity import perplexity
 from neuqi.formats.checkpoint import write_checkpoint
 from neuqi.io_utils import atomic_write_json
+from neuqi.memory import peak_memory, reset_peak_memory
 from neuqi.models.adapters import adapter_for
 from neuqi.models.loading import load_model, load_tokenizer, resolve_model_path
 from neuqi.pipeline.config import RunConfig
@@ -63,51 +62,6 @@ def log_to_file(path: Path):
         root.removeHandler(handler)
         handler.close()
         root.setLevel(old_level)
-
-
-_rss_window_reset = False  # did the last reset_peak_memory really restart VmHWM?
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a fresh peak-memory window, so a run measured in a process that ran
-    others before (a benchmark) records its own peak, not the process's.
-
-    Linux resets VmHWM when "5" is written to /proc/self/clear_refs; some sandboxes
-    refuse the write or ignore it, so the reset is checked (VmHWM back at VmRSS) and
-    the peak is labelled "process" wide when it did not take."""
-    global _rss_window_reset
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-    status = _proc_status_kb()
-    hwm, rss = status.get("VmHWM"), status.get("VmRSS")
-    _rss_window_reset = hwm is not None and rss is not None and hwm <= rss + 4096
-
-
-def _proc_status_kb() -> dict[str, int]:
-    """The kB fields of /proc/self/status that we read (empty off Linux)."""
-    try:
-        lines = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return {}
-    return {
-        key: int(rest.split()[0])
-        for key, _, rest in (line.partition(":") for line in lines)
-        if key in ("VmHWM", "VmRSS")
-    }
-
-
-def peak_memory(device: torch.device) -> dict:
-    """Peak RSS since :func:`reset_peak_memory` when that reset took, else of the
-    whole process (``peak_rss_scope`` says which)."""
-    hwm = _proc_status_kb().get("VmHWM")
-    rss_kb = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scope = "run" if hwm is not None and _rss_window_reset else "process"
-    out = {"peak_rss_mb": rss_kb / 1024, "peak_rss_scope": scope}
-    if device.type == "cuda":
-        out["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
 
 
 def environment(device: torch.device) -> dict:
