@@ -61,9 +61,10 @@ def records(model: nn.Module) -> dict[str, QuantizedLinear]:
     for name, mod in quant_linears(model).items():
         scale = mod.scales.detach().float().t().contiguous().cpu()  # [n_groups, out] → [out, n_groups]
         zero = mod.zero_values().detach().float().t().contiguous().cpu()
-        out[name] = QuantizedLinear(
-            codes=mod.codes().to(torch.uint8).cpu(),
-            params=QuantParams(scale, zero),
-            bias=None if mod.bias is None else mod.bias.detach().cpu(),
+        out[name] = QuantizedLinear.from_codes(
+            mod.codes().to(torch.uint8),
+            QuantParams(scale, zero),
+            mod.bits,
+            None if mod.bias is None else mod.bias.detach().cpu(),
         )
     return out

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from neuqi.formats.packing import pack_weight, pack_zeros
+from neuqi.formats.packing import pack_weight, pack_zeros, unpack_weight
 from neuqi.formats.qlinear import replace_linears
 from neuqi.quant.grid import QuantParams, QuantSpec
 
@@ -31,11 +31,27 @@ INDEX = "model.safetensors.index.json"
 
 @dataclass
 class QuantizedLinear:
-    """What the pipeline keeps per quantized linear: codes ``[out, in]`` and params."""
+    """What the pipeline keeps per quantized linear until the checkpoint is written:
+    the codes already packed (``qweight``, as stored: a model's uint8 codes would
+    hold ``8/bits`` times the memory for the whole run), the params and the bias."""
 
-    codes: Tensor
+    qweight: Tensor
+    in_features: int
+    bits: int
     params: QuantParams
     bias: Tensor | None = None
+
+    @classmethod
+    def from_codes(
+        cls, codes: Tensor, params: QuantParams, bits: int, bias: Tensor | None = None
+    ) -> QuantizedLinear:
+        """Pack ``codes: [out, in]`` (on their device, then move the packed words)."""
+        return cls(pack_weight(codes, bits).cpu(), codes.shape[1], bits, params, bias)
+
+    @property
+    def codes(self) -> Tensor:
+        """The codes ``[out, in]`` as uint8 (unpacked on demand)."""
+        return unpack_weight(self.qweight, self.bits, self.in_features)
 
 
 def quantization_config(spec: QuantSpec, zero_point: str, act_order: bool, modules: list[str]) -> dict:
@@ -51,8 +67,10 @@ def quantization_config(spec: QuantSpec, zero_point: str, act_order: bool, modul
 
 
 def packed_tensors(name: str, q: QuantizedLinear, spec: QuantSpec, zero_point: str) -> dict[str, Tensor]:
+    if q.bits != spec.bits:
+        raise ValueError(f"{name} holds {q.bits}-bit codes, the checkpoint is {spec.bits}-bit")
     out = {
-        f"{name}.qweight": pack_weight(q.codes, spec.bits),
+        f"{name}.qweight": q.qweight,
         f"{name}.scales": q.params.scale.t().contiguous().to(torch.float16),
     }
     zeros = q.params.zero.t().contiguous()

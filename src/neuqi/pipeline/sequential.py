@@ -144,7 +144,7 @@ def quantize_linear(lin: nn.Linear, H: Tensor, opts: QuantOptions) -> tuple[Quan
     w_hat = dequantize(res.codes, res.params, opts.spec)
     lin.weight.data.copy_(w_hat.to(lin.weight.dtype))
     bias = lin.bias.detach().cpu().clone() if lin.bias is not None else None
-    record = QuantizedLinear(res.codes.cpu(), res.params.to("cpu"), bias)
+    record = QuantizedLinear.from_codes(res.codes, res.params.to("cpu"), opts.spec.bits, bias)
     return record, res.stats
 
 
