@@ -31,7 +31,8 @@ from neuqi.pipeline.run import quantize_model
 samples = []
 def sample():
     while True:
-        samples.append((time.time(), process_memory_kb().get("VmRSS", 0) / 1024))
+        m = process_memory_kb()
+        samples.append((time.time(), m.get("VmRSS", 0) / 1024, m.get("RssAnon", 0) / 1024))
         time.sleep(0.1)
 threading.Thread(target=sample, daemon=True).start()
 cfg = RunConfig(**json.loads(sys.argv[1]))
@@ -41,8 +42,9 @@ print(json.dumps({"run": str(run), "seconds": time.perf_counter() - t0, "samples
 """
 
 
-def phases(run_dir: Path, samples: list[tuple[float, float]]) -> dict[str, float]:
-    """Max RSS before the first layer, during the layer loop, and after it."""
+def phases(run_dir: Path, samples: list[tuple[float, float, float]]) -> dict[str, float]:
+    """Max RSS before the first layer, during the layer loop, and after it; and the
+    anonymous part of RSS at its peak (the rest is file-backed: mmapped weights)."""
     times = []
     for line in (run_dir / "quantize.log").read_text().splitlines():
         if " layer " in line and " done in " in line:
@@ -51,10 +53,11 @@ def phases(run_dir: Path, samples: list[tuple[float, float]]) -> dict[str, float
     first, last = times[0], times[-1]
 
     def peak(lo: float, hi: float) -> float:
-        return max((r for t, r in samples if lo <= t < hi), default=0.0)
+        return max((r for t, r, _ in samples if lo <= t < hi), default=0.0)
 
+    top = max(samples, key=lambda x: x[1], default=(0.0, 0.0, 0.0))
     return {"load_and_first_layer": peak(0, first), "layers": peak(first, last),
-            "checkpoint": peak(last, float("inf"))}
+            "checkpoint": peak(last, float("inf")), "anon_at_peak": top[2]}
 
 
 def main() -> None:
@@ -70,7 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     model = args.model or str(fetch_model(cache_dir()))
     rows = []
-    head = ("run", "peak RSS MB", "load MB", "layers MB", "checkpoint MB", "s")
+    head = ("run", "peak RSS MB", "load MB", "layers MB", "checkpoint MB", "anon@peak MB", "s")
     print(" ".join(f"{h:>13s}" for h in head))
     for i in range(args.repeat):
         with tempfile.TemporaryDirectory() as out:
@@ -86,7 +89,7 @@ def main() -> None:
                    **{f"{k}_mb": v for k, v in phases(run_dir, rec["samples"]).items()}}
         rows.append(row)
         cells = [i, row["peak_rss_mb"], row["load_and_first_layer_mb"], row["layers_mb"],
-                 row["checkpoint_mb"], row["seconds"]]
+                 row["checkpoint_mb"], row["anon_at_peak_mb"], row["seconds"]]
         print(" ".join(f"{c:13.0f}" for c in cells), flush=True)
     name = Path(model).name
     out = Path(__file__).parent / "results" / ("peak_memory.json" if args.model is None

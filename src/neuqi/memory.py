@@ -43,8 +43,13 @@ def release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+_STATUS_FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
+
+
 def process_memory_kb() -> dict[str, int]:
-    """VmRSS and VmHWM of this process in kB, from /proc/self/status (empty off Linux)."""
+    """VmRSS, VmHWM and RSS's anonymous / file-backed split (mmapped weights are
+    file-backed until written) of this process in kB, from /proc/self/status (empty
+    off Linux)."""
     try:
         lines = Path("/proc/self/status").read_text().splitlines()
     except OSError:
@@ -52,7 +57,7 @@ def process_memory_kb() -> dict[str, int]:
     return {
         key: int(rest.split()[0])
         for key, _, rest in (line.partition(":") for line in lines)
-        if key in ("VmHWM", "VmRSS")
+        if key in _STATUS_FIELDS
     }
 
 
