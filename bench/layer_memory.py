@@ -11,12 +11,11 @@ so to the shapes) that causes it.  Run it in a fresh process, alone on the CPU.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from neuqi.data.corpora import load_text, sample_windows, tokenize
-from neuqi.memory import process_memory_kb, release_freed_memory
+from neuqi.memory import process_memory_kb, release_freed_memory, reset_peak_memory
 from neuqi.models.adapters import adapter_for
 from neuqi.models.loading import load_model, load_tokenizer
 from neuqi.pipeline.sequential import (
@@ -51,7 +50,7 @@ def main() -> None:
     layer = decoder_layers(model, adapter)[args.layer]
     opts = QuantOptions(QuantSpec(args.bits, args.group_size), args.init, "ldlq", True, 0.01, False, None)
     release_freed_memory()
-    Path("/proc/self/clear_refs").write_text("5")  # restart VmHWM (Linux)
+    reset_peak_memory(torch.device("cpu"))
     print(f"{'step':28s} {'RSS MB':>8s} {'peak MB':>8s}")
     print(f"{'start':28s} {status_mb()['VmRSS']:8d} {status_mb()['VmHWM']:8d}")
     for group in adapter.groups:

@@ -56,15 +56,16 @@ def keep_scales_positive(model: nn.Module) -> None:
 
 
 def records(model: nn.Module) -> dict[str, QuantizedLinear]:
-    """Checkpoint records (codes, params, bias) of the trained student."""
+    """Checkpoint records (packed codes, params, bias) of the trained student."""
     out = {}
     for name, mod in quant_linears(model).items():
         scale = mod.scales.detach().float().t().contiguous().cpu()  # [n_groups, out] → [out, n_groups]
         zero = mod.zero_values().detach().float().t().contiguous().cpu()
-        out[name] = QuantizedLinear.from_codes(
-            mod.codes().to(torch.uint8),
-            QuantParams(scale, zero),
+        out[name] = QuantizedLinear(  # codes are frozen: the packed buffer is still theirs
+            mod.qweight.detach().cpu(),
+            mod.in_features,
             mod.bits,
+            QuantParams(scale, zero),
             None if mod.bias is None else mod.bias.detach().cpu(),
         )
     return out

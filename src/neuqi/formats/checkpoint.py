@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from neuqi.formats.packing import pack_weight, pack_zeros, unpack_weight
+from neuqi.formats.packing import pack_weight, pack_zeros
 from neuqi.formats.qlinear import replace_linears
 from neuqi.quant.grid import QuantParams, QuantSpec
 
@@ -47,11 +47,6 @@ class QuantizedLinear:
     ) -> QuantizedLinear:
         """Pack ``codes: [out, in]`` (on their device, then move the packed words)."""
         return cls(pack_weight(codes, bits).cpu(), codes.shape[1], bits, params, bias)
-
-    @property
-    def codes(self) -> Tensor:
-        """The codes ``[out, in]`` as uint8 (unpacked on demand)."""
-        return unpack_weight(self.qweight, self.bits, self.in_features)
 
 
 def quantization_config(spec: QuantSpec, zero_point: str, act_order: bool, modules: list[str]) -> dict:
