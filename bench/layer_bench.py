@@ -27,7 +27,7 @@ INITS = ("minmax", "neuqi_int", "neuqi")
 SPECS = [QuantSpec(b, g) for b in (2, 3, 4) for g in (64, 128, -1)]
 
 
-def block_layers(index: int):
+def block_layers(index: int, model_name: str = "smollm2-135m"):
     """(name, W, H) for the 7 linears of decoder block ``index`` with real H."""
     from neuqi.data.cache import cache_dir
     from neuqi.data.corpora import load_text, sample_windows, tokenize
@@ -35,7 +35,7 @@ def block_layers(index: int):
     from neuqi.models.loading import load_model, load_tokenizer
     from neuqi.pipeline.sequential import block_hessians
 
-    path = cache_dir() / "models" / "smollm2-135m"
+    path = cache_dir() / "models" / model_name
     model, tok = load_model(path), load_tokenizer(path)
     windows = sample_windows(tokenize(load_text("c4-sample")[:400_000], tok), 16, 512)
     return block_hessians(model, adapter_for(model.config.model_type), windows, index)

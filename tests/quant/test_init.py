@@ -82,19 +82,52 @@ def test_pair_bound_never_exceeds_the_best_loss_at_that_scale(n, maxq, ratio, se
     w = torch.distributions.StudentT(3.0).sample((6, n)).double() * 0.1
     h = (torch.rand(6, n, generator=g).double() ** 3)
     s = init_mod.minmax_scale(w, maxq) * ratio
-    spans, hp = init_mod._pair_bound_terms(w, h)
+    spans, hp, _, _ = init_mod._pair_bound_terms(w, h)
     bound = init_mod._pair_bound(spans, hp, s, maxq)
     _, loss = best_zero(w / s[:, None], h, maxq)
     assert (bound <= loss * s * s * (1 + 1e-9) + 1e-15).all()
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 600),
+    maxq=st.sampled_from([1, 3, 7, 15]),
+    ratio=st.floats(0.02, 2.0),
+    seed=st.integers(0, 10_000),
+)
+def test_rounding_bound_never_exceeds_the_best_loss_at_that_scale(n, maxq, ratio, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.distributions.StudentT(3.0).sample((6, n)).double() * 0.1
+    h = (torch.rand(6, n, generator=g).double() ** 3)
+    s = init_mod.minmax_scale(w, maxq) * ratio
+    spans, hp, ws, hs = init_mod._pair_bound_terms(w, h)
+    bound = init_mod._rounding_bound(ws, hs, spans, hp, s, maxq)
+    _, loss = best_zero(w / s[:, None], h, maxq)
+    assert (bound <= loss * s * s * (1 + 1e-6) + 1e-15).all()
+
+
+def test_rounding_bound_is_tighter_than_the_pair_bound_on_long_rows():
+    """Why it exists: at scales above the optimum the pair bound lets rounding
+    error split across a pair; the binned bound counts it for every element."""
+    w = torch.distributions.StudentT(4.0).sample((32, 1024)).double() * 0.02
+    h = torch.rand(1024).double().expand(32, -1) + 0.1
+    s = init_mod.minmax_scale(w, 7) * 0.8
+    spans, hp, ws, hs = init_mod._pair_bound_terms(w, h)
+    _, loss = best_zero(w / s[:, None], h, 7)
+    rounding = init_mod._rounding_bound(ws, hs, spans, hp, s, 7) / (loss * s * s)
+    pair = init_mod._pair_bound(spans, hp, s, 7) / (loss * s * s)
+    assert rounding.min() > 0.8 and pair.max() < 0.5
+
+
 def test_pruned_search_equals_trying_every_candidate(monkeypatch):
-    """The bound only skips candidates that could not win: same scales and zeros."""
+    """The bounds only skip candidates that could not win: same scales and zeros."""
     w = torch.distributions.StudentT(3.0).sample((64, 256)) * 0.02
     h = torch.rand(256) ** 3 + 1e-3
     spec = QuantSpec(3, -1)
     pruned = init_params(w, spec, "neuqi", h)
-    monkeypatch.setattr(init_mod, "_pair_bound", lambda spans, hp, s, maxq: torch.zeros_like(s))
+    zero_bound = lambda *args: torch.zeros_like(args[-2])  # noqa: E731 - (…, s, maxq)
+    monkeypatch.setattr(init_mod, "_pair_bound", zero_bound)
+    monkeypatch.setattr(init_mod, "_rounding_bound", zero_bound)
     full = init_params(w, spec, "neuqi", h)
     err_p = group_weighted_error(w, fake_quantize(w, pruned, spec), spec, h)
     err_f = group_weighted_error(w, fake_quantize(w, full, spec), spec, h)

@@ -237,8 +237,9 @@ def _init_mse(
     return best_s, best_z
 
 
-def _pair_bound_terms(wg: Tensor, hg: Tensor) -> tuple[Tensor, Tensor]:
-    """Spans and weights of the (k-th smallest, k-th largest) pairs of every group.
+def _pair_bound_terms(wg: Tensor, hg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Spans and weights of the (k-th smallest, k-th largest) pairs of every group,
+    and the group's values and weights sorted by value (for :func:`_rounding_bound`).
 
     Whatever the zero-point, the two de-quantized values of a pair with span ``d``
     differ by ``m·s`` for an integer ``m`` in ``0..maxq``, so their errors differ by
@@ -254,7 +255,7 @@ def _pair_bound_terms(wg: Tensor, hg: Tensor) -> tuple[Tensor, Tensor]:
     lo_w, hi_w = ws[:, :half], ws.flip(1)[:, :half]
     lo_h, hi_h = hs[:, :half], hs.flip(1)[:, :half]
     hp = lo_h * hi_h / (lo_h + hi_h).clamp_min(1e-30)
-    return hi_w - lo_w, hp
+    return hi_w - lo_w, hp, ws, hs
 
 
 def _pair_bound(spans: Tensor, hp: Tensor, s: Tensor, maxq: int) -> Tensor:
@@ -262,6 +263,55 @@ def _pair_bound(spans: Tensor, hp: Tensor, s: Tensor, maxq: int) -> Tensor:
     sc = s[:, None]
     m = torch.clamp(torch.round(spans / sc), 0, maxq)
     return (hp * (spans - m * sc) ** 2).sum(dim=1)
+
+
+# Bins of the fractional parts in :func:`_rounding_bound`: finer is tighter (each
+# element's distance is under-estimated by up to two bins) but costs B² per group.
+_ROUND_BINS = 64
+# Below this group length the pair bound alone prunes well enough.
+_ROUND_BOUND_MIN_LEN = 256
+
+
+def _bin_distances(bins: int, device: torch.device) -> Tensor:
+    """``D[b, c]``: the least squared distance to an integer of ``x + y`` over ``x``
+    in fractional bin ``b`` and ``y`` in bin ``c`` (each bin widened by 1e-4 so that
+    float error in the binning cannot break the bound)."""
+    k = torch.arange(2 * bins - 1, device=device, dtype=torch.float64)
+    lo, hi = k / bins - 1e-4, (k + 2) / bins + 1e-4
+    holds_int = torch.floor(hi) >= torch.ceil(lo)
+    d = torch.minimum((lo - torch.round(lo)).abs(), (hi - torch.round(hi)).abs())
+    d = torch.where(holds_int, 0.0, d)
+    idx = torch.arange(bins, device=device)
+    return (d[idx[:, None] + idx[None, :]] ** 2).float()
+
+
+def _rounding_bound(
+    ws: Tensor, hs: Tensor, spans: Tensor, hp: Tensor, s: Tensor, maxq: int, bins: int = _ROUND_BINS
+) -> Tensor:
+    """A lower bound of every group's loss at scale ``s`` that sees rounding error.
+
+    The pair bound under-counts rounding (a pair can split its error), so on long
+    groups (channel-wise rows) it prunes few scales.  Here the group is split in
+    two disjoint parts whose bounds add up: the outer pairs that must clip at
+    ``s`` (span above ``maxq·s``) keep their pair term ``hp (d − maxq·s)²``; every
+    other element costs at least its distance to the nearest integer code, which
+    depends on the zero only through ``frac(z)``.  Binning ``frac(w/s)`` by weight
+    bounds that distance per bin for ``frac(z)`` in each bin; the least over the
+    bins of ``frac(z)`` bounds every zero-point.  O(n + bins²) per group.
+    ``ws, hs``: values sorted per group and their weights.
+    """
+    G, n = ws.shape
+    sc = s[:, None]
+    k_clip = (spans > maxq * sc).sum(dim=1, keepdim=True)  # spans decrease with k
+    clip = (hp * torch.relu(spans - maxq * sc) ** 2).sum(dim=1)
+    j = torch.arange(n, device=ws.device)[None, :]
+    inner = (j >= k_clip) & (j < n - k_clip)
+    u = ws / sc
+    b = torch.clamp(((u - torch.floor(u)) * bins).long(), 0, bins - 1)
+    mass = torch.zeros(G, bins, device=ws.device, dtype=torch.float32)
+    mass.scatter_add_(1, b, torch.where(inner, hs, 0.0).float())
+    rounding = (mass @ _bin_distances(bins, ws.device)).amin(dim=1).to(s.dtype)
+    return clip + rounding * s * s
 
 
 def _coarse_order(top: int, skip: int, stride: int = 8) -> list[int]:
@@ -297,7 +347,8 @@ def _init_neuqi(
     1536×576 heavy-tailed layer at 3-bit g64.
     """
     s0 = minmax_scale(wg, maxq)
-    spans, hp = _pair_bound_terms(wg, hg)
+    spans, hp, ws, hs = _pair_bound_terms(wg, hg)
+    rounding_bound = wg.shape[1] >= _ROUND_BOUND_MIN_LEN
     best_s = s0.clone()
     best_z, best_l = best_zero(wg / s0[:, None], hg, maxq)
     best_l = best_l * s0 * s0
@@ -306,6 +357,9 @@ def _init_neuqi(
         # A small margin guards the bound against float error.
         lb = _pair_bound(spans, hp, s, maxq)
         idx = torch.nonzero(lb * (1 - 1e-6) < best_l, as_tuple=True)[0]
+        if rounding_bound and idx.numel():
+            lb = _rounding_bound(ws[idx], hs[idx], spans[idx], hp[idx], s[idx], maxq)
+            idx = idx[lb * (1 - 1e-5) < best_l[idx]]
         if idx.numel() == 0:
             return
         si = s[idx]
