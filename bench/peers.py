@@ -174,7 +174,7 @@ def peer_result_json(rec: dict, label: str, bits: int, group: int, folder: Path)
             "environment": {"tool_version": rec.get("version"), "torch": rec.get("torch")},
             "timing": {"quantize_seconds": rec.get("quantize_seconds"),
                        "wall_seconds": rec.get("wall_seconds")},
-            "memory": {"peak_rss_mb": rec.get("peak_rss_mb")},
+            "memory": {"peak_rss_mb": rec.get("peak_rss_mb"), "peak_anon_mb": rec.get("peak_anon_mb")},
             "checkpoint_bytes": rec.get("native_bytes") or None,
         })
     return path
@@ -199,6 +199,7 @@ def row_of(label: str, tool: str, bits: int, group: int, rec: dict | None, error
         "quantize_s": (rec.get("timing", {}).get("quantize_seconds") or 0)
         + (rec.get("timing", {}).get("distill_seconds") or 0) or None,
         "peak_rss_mb": rec.get("memory", {}).get("peak_rss_mb"),
+        "peak_anon_mb": rec.get("memory", {}).get("peak_anon_mb"),
         "size_mb": rec["checkpoint_bytes"] / 2**20 if rec.get("checkpoint_bytes") else None,
         "error": error,
     }
@@ -216,7 +217,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
            f"first {meta['zeroshot_limit']} each; "
            f"{meta['hardware']}.", ""]
     head = ["config", "tool", "method", *[f"ppl {s}" for s in SETS], "KL", "top-1", "zero-shot",
-            "quantize s", "peak RSS MB", "size MB"]
+            "quantize s", "peak RSS MB", "peak anon MB", "size MB"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         grp = "ch" if r["group_size"] == -1 else f"g{r['group_size']}"
@@ -228,7 +229,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         out.append("| " + " | ".join([
             cfg, r["tool"], r["label"], *[_f(r["ppl"][s], ".2f") for s in SETS], _f(r["kl"], ".4f"),
             _f(r["top1"], ".3f"), _f(r["zeroshot"], ".3f"), _f(r["quantize_s"], ".0f"),
-            _f(r["peak_rss_mb"], ".0f"), _f(r["size_mb"], ".1f")]) + " |")
+            _f(r["peak_rss_mb"], ".0f"), _f(r.get("peak_anon_mb"), ".0f"), _f(r["size_mb"], ".1f")]) + " |")
     return "\n".join(out) + "\n"
 
 

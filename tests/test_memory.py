@@ -1,10 +1,18 @@
 """Per-run peak memory in a long-lived process, and the /proc fields it rests on."""
 
+import time
+
 import pytest
 import torch
 
 from neuqi import memory
-from neuqi.memory import peak_memory, process_memory_kb, release_freed_memory, reset_peak_memory
+from neuqi.memory import (
+    AnonPeak,
+    peak_memory,
+    process_memory_kb,
+    release_freed_memory,
+    reset_peak_memory,
+)
 
 
 def test_process_memory_reads_rss_and_its_high_water_mark():
@@ -44,3 +52,20 @@ def test_peak_memory_says_process_wide_when_the_reset_did_not_take(monkeypatch):
     monkeypatch.setattr(memory, "process_memory_kb", lambda: {"VmHWM": 300_000, "VmRSS": 300_000})
     reset_peak_memory(torch.device("cpu"))
     assert peak_memory(torch.device("cpu"))["peak_rss_scope"] == "run"
+
+
+def test_anon_peak_catches_a_freed_transient_and_not_what_follows():
+    """A run's private peak: a 256 MB temporary freed inside the block still counts,
+    an allocation after the block does not."""
+    if "RssAnon" not in process_memory_kb():
+        pytest.skip("no RssAnon in /proc/self/status on this system")
+    base = process_memory_kb()["RssAnon"] / 1024
+    with AnonPeak(interval=0.01) as anon:
+        tmp = torch.ones(64 * 2**20)  # 256 MB, touched
+        tmp.add_(1)
+        time.sleep(0.1)
+        del tmp
+        release_freed_memory()
+    after = torch.ones(128 * 2**20)  # 512 MB once the block is over
+    after.add_(1)
+    assert base + 200 < anon.peak_mb < base + 450 and float(after[0]) == 2.0

@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -35,6 +36,42 @@ def peak_rss_mb() -> float:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+
+def anon_rss_mb() -> float | None:
+    """This process's private (anonymous) RSS now; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class _AnonSampler(threading.Thread):
+    """Peak of the anonymous RSS, sampled every 0.1 s: VmHWM also counts the clean
+    file-backed pages of mmapped weights, which depend on how a tool loads a model
+    (neuqi.memory.AnonPeak does the same for our runs; this file cannot import neuqi)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak: float | None = anon_rss_mb()
+
+    def sample(self) -> float | None:
+        """Take one reading now; the peak so far."""
+        now = anon_rss_mb()
+        if now is not None and (self.peak is None or now > self.peak):
+            self.peak = now
+        return self.peak
+
+    def run(self) -> None:
+        while True:
+            time.sleep(0.1)
+            self.sample()
+
+
+_ANON = _AnonSampler()
+_ANON_AT_QUANTIZED: list[float | None] = []
 
 # The process's peak when the tool's quantization call returned (set by ``timed``):
 # model loading plus quantization, as our runs record theirs; what the runner does
@@ -102,6 +139,7 @@ def main(run: Callable[[dict, Path], dict], tool: str) -> None:
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
     record = {"tool": tool, "variant": job["variant"], "bits": job["bits"], "group_size": job["group_size"]}
+    _ANON.start()
     t0 = time.perf_counter()
     try:
         record.update(run(job, out))
@@ -113,6 +151,7 @@ def main(run: Callable[[dict, Path], dict], tool: str) -> None:
     record["peak_rss_mb"] = _PEAK_AT_QUANTIZED[-1] if _PEAK_AT_QUANTIZED else peak_rss_mb()
     record["peak_rss_scope"] = "through the quantization call" if _PEAK_AT_QUANTIZED else "whole runner"
     record["runner_peak_rss_mb"] = peak_rss_mb()
+    record["peak_anon_mb"] = _ANON_AT_QUANTIZED[-1] if _ANON_AT_QUANTIZED else _ANON.peak
     write_json(out / "peer.json", record)
     print(json.dumps({k: v for k, v in record.items() if k != "traceback"}))
 
@@ -123,4 +162,5 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
     value = fn()
     seconds = time.perf_counter() - t0
     _PEAK_AT_QUANTIZED.append(peak_rss_mb())
+    _ANON_AT_QUANTIZED.append(_ANON.sample())
     return value, seconds

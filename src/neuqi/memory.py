@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import resource
+import threading
 from pathlib import Path
 
 import torch
@@ -86,3 +87,47 @@ def peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         out["peak_device_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+class AnonPeak:
+    """The peak of the process's *anonymous* RSS while the block runs, by sampling.
+
+    VmHWM also counts clean file-backed pages (a model's mmapped safetensors, which
+    the kernel may drop under pressure), so it overstates what a run really holds and
+    depends on how a tool loads its weights.  The private part (``RssAnon``) has no
+    high-water mark in /proc, so a daemon thread reads it every ``interval`` seconds;
+    a spike shorter than that can be missed.  ``peak_mb`` is None off Linux.
+
+        with AnonPeak() as anon:
+            work()
+        anon.peak_mb
+    """
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self._peak_kb: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        kb = process_memory_kb().get("RssAnon")
+        if kb is not None and (self._peak_kb is None or kb > self._peak_kb):
+            self._peak_kb = kb
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> AnonPeak:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def peak_mb(self) -> float | None:
+        return None if self._peak_kb is None else self._peak_kb / 1024

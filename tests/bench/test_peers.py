@@ -90,6 +90,27 @@ def test_peer_peak_rss_is_its_own_and_taken_when_the_quantization_call_returns(t
     rec = peers.run_peer("fake", "x", 3, 64, "m", tmp_path / "w.pt", tmp_path / "o", timeout=60)
     assert rec["peak_rss_scope"] == "through the quantization call"
     assert rec["peak_rss_mb"] < 300 < rec["runner_peak_rss_mb"] < 900 and float(ballast[0]) == 1.0
+    if rec["peak_anon_mb"] is not None:  # Linux: the private part, same scope
+        assert rec["peak_anon_mb"] < rec["peak_rss_mb"]
+
+
+def test_peer_anon_peak_counts_a_transient_inside_the_quantization_call(tmp_path, monkeypatch):
+    """What a tool frees before returning still counts (sampled), and its file-backed
+    pages do not: the fair memory figure across tools that load weights differently."""
+    body = ("import time, common\n"
+            "def quantize():\n"
+            "    tmp = bytearray(300 * 2**20)  # zero-filled and touched: private pages\n"
+            "    time.sleep(0.5)\n"
+            "    del tmp\n"
+            "def run(job, out):\n"
+            "    common.timed(quantize)\n"
+            "    return {'quantize_seconds': 0.0}\n"
+            "common.main(run, 'fake')\n")
+    _fake_tool(tmp_path, monkeypatch, body)
+    rec = peers.run_peer("fake", "x", 3, 64, "m", tmp_path / "w.pt", tmp_path / "o", timeout=60)
+    if rec["peak_anon_mb"] is None:
+        pytest.skip("no RssAnon on this system")
+    assert 300 < rec["peak_anon_mb"] < 600
 
 
 def test_markdown_keeps_columns_for_error_rows():

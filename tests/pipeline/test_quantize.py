@@ -53,6 +53,8 @@ def test_quantize_writes_a_complete_run_directory(calib_file, tmp_path):
     assert res["config"]["bits"] == 3 and res["totals"]["linears"] == 14
     assert res["eval"]["ppl"][str(calib_file)]["ppl"] > 1
     assert res["memory"]["peak_rss_mb"] > 0
+    anon = res["memory"]["peak_anon_mb"]
+    assert anon is None or 0 < anon <= res["memory"]["peak_rss_mb"]
     qc = json.loads((run_dir / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "neuqi" and qc["zero_point"] == "float" and qc["group_size"] == 48
     assert not list((tmp_path / "runs").glob(".*"))  # no partial folder left behind

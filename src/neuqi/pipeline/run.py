@@ -25,7 +25,7 @@ from neuqi.data.fetch import TEXT_VERSION
 from neuqi.eval.perplexity import perplexity
 from neuqi.formats.checkpoint import write_checkpoint
 from neuqi.io_utils import atomic_write_json
-from neuqi.memory import peak_memory, reset_peak_memory
+from neuqi.memory import AnonPeak, peak_memory, reset_peak_memory
 from neuqi.models.adapters import adapter_for
 from neuqi.models.loading import load_model, load_tokenizer, resolve_model_path
 from neuqi.pipeline.config import RunConfig
@@ -203,16 +203,17 @@ def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool) -> di
     tokenizer = load_tokenizer(cfg.model)
     reset_peak_memory(device)
     state = None
-    if cfg.low_memory:
-        model, state, hooks = _lazy_model(cfg, dtype)
-        records, stats, timing = calibrate_and_quantize(cfg, model, tokenizer, device, quiet, *hooks)
-    else:
-        model = load_model(cfg.model, dtype)
-        records, stats, timing = calibrate_and_quantize(cfg, model, tokenizer, device, quiet)
+    with AnonPeak() as anon:
+        if cfg.low_memory:
+            model, state, hooks = _lazy_model(cfg, dtype)
+            records, stats, timing = calibrate_and_quantize(cfg, model, tokenizer, device, quiet, *hooks)
+        else:
+            model = load_model(cfg.model, dtype)
+            records, stats, timing = calibrate_and_quantize(cfg, model, tokenizer, device, quiet)
 
-    run_info = {"config": cfg.to_dict(), "environment": environment(device)}
-    write_checkpoint(model, records, cfg.spec, cfg.zero_point, cfg.act_order, work, tokenizer,
-                     run_info, state=state)
+        run_info = {"config": cfg.to_dict(), "environment": environment(device)}
+        write_checkpoint(model, records, cfg.spec, cfg.zero_point, cfg.act_order, work, tokenizer,
+                         run_info, state=state)
     if cfg.low_memory and cfg.eval_sets:
         from neuqi.formats.checkpoint import load_quantized
 
@@ -230,7 +231,7 @@ def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool) -> di
         "checkpoint_bytes": sum(f.stat().st_size for f in work.glob("*.safetensors")),
         "eval": {},
     }
-    result["memory"] = peak_memory(device)
+    result["memory"] = {**peak_memory(device), "peak_anon_mb": anon.peak_mb}
     if cfg.eval_sets:
         result["eval"]["ppl"] = evaluate_sets(model, tokenizer, cfg.eval_sets, cfg.eval_seqlen,
                                               device, cfg.eval_windows, quiet)
