@@ -24,28 +24,28 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def peak_rss_mb() -> float:
-    """This process's own RSS high-water mark.  ``VmHWM`` belongs to the address space
-    made at exec; ``ru_maxrss`` is not reset by exec on Linux, so a runner started by a
-    large bench process would report that process's RSS as its own floor."""
+def _status_mb(field: str) -> float | None:
+    """A ``/proc/self/status`` field in MB; None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def anon_rss_mb() -> float | None:
-    """This process's private (anonymous) RSS now; None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def peak_rss_mb() -> float:
+    """This process's own RSS high-water mark.  ``VmHWM`` belongs to the address space
+    made at exec; ``ru_maxrss`` is not reset by exec on Linux, so a runner started by a
+    large bench process would report that process's RSS as its own floor."""
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def anon_rss_mb() -> float | None:
+    """This process's private (anonymous) RSS now; None off Linux."""
+    return _status_mb("RssAnon")
 
 
 class _AnonSampler(threading.Thread):
