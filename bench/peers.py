@@ -229,7 +229,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         out.append("| " + " | ".join([
             cfg, r["tool"], r["label"], *[_f(r["ppl"][s], ".2f") for s in SETS], _f(r["kl"], ".4f"),
             _f(r["top1"], ".3f"), _f(r["zeroshot"], ".3f"), _f(r["quantize_s"], ".0f"),
-            _f(r["peak_rss_mb"], ".0f"), _f(r.get("peak_anon_mb"), ".0f"), _f(r["size_mb"], ".1f")]) + " |")
+            _f(r["peak_rss_mb"], ".0f"), _f(r["peak_anon_mb"], ".0f"), _f(r["size_mb"], ".1f")]) + " |")
     return "\n".join(out) + "\n"
 
 

@@ -9,6 +9,7 @@ are over candidate scales.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Literal
@@ -272,10 +273,12 @@ _ROUND_BINS = 64
 _ROUND_BOUND_MIN_LEN = 256
 
 
+@functools.lru_cache(maxsize=8)
 def _bin_distances(bins: int, device: torch.device) -> Tensor:
     """``D[b, c]``: the least squared distance to an integer of ``x + y`` over ``x``
     in fractional bin ``b`` and ``y`` in bin ``c`` (each bin widened by 1e-4 so that
-    float error in the binning cannot break the bound)."""
+    float error in the binning cannot break the bound).  Cached: the search asks for
+    the same table at every candidate scale; callers must not modify it."""
     k = torch.arange(2 * bins - 1, device=device, dtype=torch.float64)
     lo, hi = k / bins - 1e-4, (k + 2) / bins + 1e-4
     holds_int = torch.floor(hi) >= torch.ceil(lo)
