@@ -71,6 +71,8 @@ PEERS = [
 ]
 # label -> (method, init, magr): exactly the runs of bench/ppl_table.py, so they are shared
 OURS = METHODS
+# The paper's methods; variants such as "NeUQI+LDLQ clip1" are asked for by name.
+DEFAULT_OURS = [m for m in OURS if "clip" not in m]
 DEFAULT_CONFIGS = "3:64,2:64,3:-1,4:-1"  # the claim (2-3 bit) first, so a cut-short run has it
 
 
@@ -249,7 +251,8 @@ def main() -> None:
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="bits:group,... (group -1 = channel-wise)")
     ap.add_argument("--tools", default=None,
                     help="comma list of tool or tool:variant (default: all but AutoRound tuned)")
-    ap.add_argument("--ours", default=",".join(OURS), help="comma list of our methods")
+    ap.add_argument("--ours", default=",".join(DEFAULT_OURS),
+                    help=f"comma list of our methods, from {list(OURS)}")
     ap.add_argument("--distilled", nargs="*", default=[],
                     help="distilled run folders (neuqi distill) to add as NeUQI+LDLQ+distill rows")
     ap.add_argument("--nsamples", type=int, default=32)
@@ -267,6 +270,8 @@ def main() -> None:
                     help="use only our runs that already exist in --runs-dir (no quantization of ours)")
     args = ap.parse_args()
     args.tasks = [t for t in args.tasks.split(",") if t]
+    if unknown := [m for m in args.ours.split(",") if m and m not in OURS]:
+        ap.error(f"unknown --ours {unknown}; choose from {list(OURS)}")
     logging.basicConfig(level=logging.WARNING)
     device = resolve_device("auto")
     model = str(fetch_model(cache_dir(), args.model or DEFAULT_MODEL)) if args.model in (None, *MODELS) \
@@ -306,8 +311,7 @@ def main() -> None:
     publish()
     for bits, group in configs:
         for label in [m for m in args.ours.split(",") if m]:
-            method, init, magr = OURS[label]
-            cfg = dataclasses.replace(base, bits=bits, group_size=group, method=method, init=init, magr=magr)
+            cfg = dataclasses.replace(base, bits=bits, group_size=group, **OURS[label])
             run_dir = Path(args.runs_dir) / cfg.run_name
             t0 = time.perf_counter()
             if not (run_dir / "result.json").exists():

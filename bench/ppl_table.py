@@ -44,13 +44,15 @@ def quantize_standalone(cfg: RunConfig) -> Path:
     return Path(proc.stdout.decode().strip().splitlines()[-1])
 
 
-# label -> (method, init, magr)
-METHODS = {
-    "RTN": ("rtn", "minmax", False),
-    "GPTQ-minmax (LDLQ+Hsort)": ("ldlq", "minmax", False),
-    "MagR+LDLQ": ("ldlq", "minmax", True),
-    "NeUQI_int+LDLQ": ("ldlq", "neuqi_int", False),
-    "NeUQI+LDLQ": ("ldlq", "neuqi", False),
+# label -> the RunConfig fields that make the method
+METHODS: dict[str, dict] = {
+    "RTN": {"method": "rtn", "init": "minmax"},
+    "GPTQ-minmax (LDLQ+Hsort)": {"method": "ldlq", "init": "minmax"},
+    "MagR+LDLQ": {"method": "ldlq", "init": "minmax", "magr": True},
+    "NeUQI_int+LDLQ": {"method": "ldlq", "init": "neuqi_int"},
+    "NeUQI+LDLQ": {"method": "ldlq", "init": "neuqi"},
+    # No weight more than one step beyond the grid (bench/clip_restore.py: why).
+    "NeUQI+LDLQ clip1": {"method": "ldlq", "init": "neuqi", "max_clip": 1.0},
 }
 _CORE = ["GPTQ-minmax (LDLQ+Hsort)", "NeUQI+LDLQ", "NeUQI_int+LDLQ", "RTN"]
 # (bits, group size, label) in the order they run: the comparisons that matter
@@ -94,8 +96,7 @@ def main() -> None:
     rows.append({"label": "FP", "bits": 16, "group": "-", "ppl": {k: v["ppl"] for k, v in fp.items()}})
     _write(rows, out, args)
     for bits, group, label in JOBS:
-        method, init, magr = METHODS[label]
-        cfg = RunConfig(model=model, bits=bits, group_size=group, method=method, init=init, magr=magr,
+        cfg = RunConfig(model=model, bits=bits, group_size=group, **METHODS[label],
                         nsamples=args.nsamples, seqlen=args.seqlen, out_dir=args.out_dir,
                         eval_sets=SETS, eval_windows=args.eval_windows)
         run_dir = Path(args.out_dir) / cfg.run_name

@@ -45,6 +45,8 @@ def quantize(
     init: Annotated[str, typer.Option(help="minmax | mse | neuqi | neuqi_int")] = "neuqi",
     magr: Annotated[bool, typer.Option(help="MagR preprocessing")] = False,
     alpha: Annotated[float | None, typer.Option(help="MagR alpha")] = None,
+    max_clip: Annotated[float | None, typer.Option(
+        help="NeUQI: steps any weight may lie beyond the grid's ends (default: no bound)")] = None,
     act_order: Annotated[bool, typer.Option(help="H reorder")] = True,
     damp: float = 0.01,
     calib: Annotated[str, typer.Option(help="c4-sample | wiki-extra | c4 | FILE")] = "c4-sample",
@@ -68,7 +70,8 @@ def quantize(
     _setup_logging(quiet)
     try:
         cfg = RunConfig(model=model, bits=bits, group_size=group_size, method=method, init=init,
-                        magr=magr, magr_alpha=alpha, act_order=act_order, damp=damp, calib=calib,
+                        magr=magr, magr_alpha=alpha, max_clip=max_clip, act_order=act_order,
+                        damp=damp, calib=calib,
                         nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, dtype=dtype,
                         device=device, seed=seed, out_dir=str(out_dir), eval_sets=_split(eval),
                         eval_seqlen=eval_seqlen, eval_windows=eval_windows, low_memory=low_memory)

@@ -20,6 +20,7 @@ class RunConfig:
     init: str = "neuqi"  # minmax | mse | neuqi | neuqi_int
     magr: bool = False
     magr_alpha: float | None = None
+    max_clip: float | None = None  # NeUQI: steps a weight may lie beyond the grid (None: any)
     act_order: bool = True
     damp: float = 0.01
     calib: str = "c4-sample"
@@ -42,6 +43,8 @@ class RunConfig:
             raise ValueError(f"--method must be one of {ALGORITHMS}, got {self.method!r}")
         if self.init not in INIT_METHODS:
             raise ValueError(f"--init must be one of {INIT_METHODS}, got {self.init!r}")
+        if self.max_clip is not None and (self.init != "neuqi" or not self.max_clip >= 0):
+            raise ValueError(f"--max-clip needs --init neuqi and a value >= 0, got {self.max_clip!r}")
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("--nsamples, --seqlen and --batch-size must be positive")
         if self.model_name is None:
@@ -71,6 +74,8 @@ class RunConfig:
         if self.act_order and self.method != "rtn":
             parts.append("Hsort")
         parts.append(self.init)
+        if self.max_clip is not None:
+            parts.append(f"clip{self.max_clip:g}")
         if self.magr:
             parts.append("magr")
         return ".".join(parts)

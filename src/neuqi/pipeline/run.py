@@ -171,7 +171,7 @@ def calibrate_and_quantize(
     batches = capture_layer0_inputs(model, adapter, windows, cfg.batch_size, device)
     t_capture = time.perf_counter() - t0
     opts = QuantOptions(cfg.spec, cfg.init, cfg.method, cfg.act_order, cfg.damp, cfg.magr,
-                        cfg.magr_alpha)
+                        cfg.magr_alpha, cfg.max_clip)
     n_layers = len(model.get_submodule(adapter.layers))
     with progress_bar(quiet) as bar:
         task = bar.add_task(f"quantize {cfg.bits}-bit", total=n_layers, info="")

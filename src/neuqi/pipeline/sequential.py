@@ -45,6 +45,7 @@ class QuantOptions:
     damp: float
     magr: bool
     magr_alpha: float | None
+    max_clip: float | None = None
 
 
 @torch.no_grad()
@@ -139,6 +140,7 @@ def quantize_linear(lin: nn.Linear, H: Tensor, opts: QuantOptions) -> tuple[Quan
         damp=opts.damp,
         magr=opts.magr,
         magr_alpha=opts.magr_alpha,
+        max_clip=opts.max_clip,
         param_dtype=torch.float16,
     )
     w_hat = dequantize(res.codes, res.params, opts.spec)

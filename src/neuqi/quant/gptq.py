@@ -163,6 +163,7 @@ def gptq_quantize(
     magr_alpha: float | None = None,
     magr_iters: int = 150,
     clip: float | None = None,
+    max_clip: float | None = None,
     param_dtype: torch.dtype | None = None,
 ) -> GPTQResult:
     """Quantize ``w: [out, in]`` against the second-moment matrix ``H: [in, in]``.
@@ -191,7 +192,7 @@ def gptq_quantize(
     h_diag = damped_diagonal(H, damp)
     if clip is None:
         clip = magr_clip(spec) if (magr and init == "minmax") else 1.0
-    params = init_params(W, spec, init, h_diag, clip=clip)
+    params = init_params(W, spec, init, h_diag, clip=clip, max_clip=max_clip)
     if param_dtype is not None:
         params = round_params(params, param_dtype)
     t_init = time.perf_counter()

@@ -124,25 +124,35 @@ def _run_sweep(fn, *args):
         return fn(*args)
 
 
-def _chunked(u: Tensor, h: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+def _chunked(
+    u: Tensor, h: Tensor, maxq: int, z_range: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """Run the sweep over chunks of groups sized to the device (bounded memory)."""
     G, n = u.shape
     budget = _CHUNK_ELEMENTS.get(u.device.type, 1 << 20)
     chunk = max(1, budget // (n * maxq))
     zs, losses = [], []
     for i, start in enumerate(range(0, G, chunk)):
-        z, loss = _run_sweep(_best_zero_chunk, u[start : start + chunk], h[start : start + chunk], maxq)
+        part = slice(start, start + chunk)
+        if z_range is None:
+            z, loss = _run_sweep(_best_zero_chunk, u[part], h[part], maxq)
+        else:
+            z, loss = _run_sweep(_best_zero_in_range_chunk, u[part], h[part], maxq,
+                                 z_range[0][part], z_range[1][part])
         zs.append(z)
         losses.append(loss)
         _trim(i, u.device)
     return torch.cat(zs), torch.cat(losses)
 
 
-def best_zero(u: Tensor, h: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+def best_zero(
+    u: Tensor, h: Tensor, maxq: int, z_range: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """Exact ``argmin_z Σ_j h_j (u_j + z − clamp(round(u_j + z), 0, maxq))²``.
 
     ``u, h: [G, n]`` (``u = w / s``; ``h ≥ 0``, not all zero per row).  Returns
-    ``(z, loss)``, both ``[G]``, with the loss in units of ``s²``.
+    ``(z, loss)``, both ``[G]``, with the loss in units of ``s²``.  ``z_range``
+    (``(z_lo, z_hi)``, each ``[G]``, non-empty) restricts the zero to an interval.
 
     As ``z`` grows, code ``q_j`` steps from ``k`` to ``k+1`` at ``z = k + ½ − u_j``;
     between breakpoints every ``q_j`` is fixed and ``L(z) = A z² + 2Bz + C`` with
@@ -153,12 +163,30 @@ def best_zero(u: Tensor, h: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
     same order (by ``frac(½ − u_j − a)``), so one sort of ``n`` offsets per group
     orders all events; prefix sums of the changes of B and C give every piece and
     the lowest clamped stationary point wins.  Exact; O(n log n + n·maxq) per group.
+
+    Restricted to an interval, each piece clamps its stationary point into the
+    interval too; outside the bracket ``L`` is monotone (every piece's stationary
+    point lies inside it), so an interval that misses the bracket has its best at
+    the end nearer to it, and the interval's ends are tried as candidates.
     """
-    return _chunked(u, h, maxq)
+    return _chunked(u, h, maxq, z_range)
 
 
 def _best_zero_chunk(u: Tensor, h: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
     """The sweep of :func:`best_zero` on one chunk of groups."""
+    return _zero_sweep(u, h, maxq, None, None)
+
+
+def _best_zero_in_range_chunk(
+    u: Tensor, h: Tensor, maxq: int, z_lo: Tensor, z_hi: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The sweep of :func:`best_zero` with the zero restricted to ``[z_lo, z_hi]``."""
+    return _zero_sweep(u, h, maxq, z_lo, z_hi)
+
+
+def _zero_sweep(
+    u: Tensor, h: Tensor, maxq: int, z_lo: Tensor | None, z_hi: Tensor | None
+) -> tuple[Tensor, Tensor]:
     # float64: the prefix sums of B and C cancel badly in float32.
     ud = u.double()
     hd = h.double()
@@ -192,8 +220,20 @@ def _best_zero_chunk(u: Tensor, h: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
     c = torch.cat([c0, c0 + torch.cumsum(d_c.reshape(G, -1), dim=1)], dim=1)
     lo = torch.cat([lo_z, pos], dim=1)
     hi = torch.cat([pos, lo_z + windows], dim=1)
-    z = torch.clamp(-b / a_sum, lo, hi)
-    loss = a_sum * z * z + 2 * b * z + c
+    if z_lo is not None and z_hi is not None:
+        zl, zh = z_lo.double()[:, None], z_hi.double()[:, None]
+        lo, hi = torch.maximum(lo, zl), torch.minimum(hi, zh)
+        z = torch.minimum(torch.maximum(-b / a_sum, lo), hi)
+        loss = torch.where(lo <= hi, a_sum * z * z + 2 * b * z + c, torch.inf)
+        # The interval's ends: its best where it misses the bracket.
+        z = torch.cat([z, zl, zh], dim=1)
+        ends = torch.cat([zl, zh], dim=1)
+        q_ends = torch.clamp(torch.round(ud[:, None, :] + ends[:, :, None]), 0, maxq)
+        loss_ends = (hd[:, None, :] * (ud[:, None, :] + ends[:, :, None] - q_ends) ** 2).sum(dim=2)
+        loss = torch.cat([loss, loss_ends], dim=1)
+    else:
+        z = torch.clamp(-b / a_sum, lo, hi)
+        loss = a_sum * z * z + 2 * b * z + c
     best = loss.argmin(dim=1, keepdim=True)
     z_best = torch.gather(z, 1, best)
     # Re-evaluate directly: the prefix-sum value may carry rounding error.
@@ -333,6 +373,7 @@ def _init_neuqi(
     max_ratio: float = NEUQI_MAX_RATIO,
     refine: str = "exact",
     rounds: int = 2,
+    max_clip: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Coarse scale grid (multiples of s₀) with the exact best float zero per scale,
     then refinement around the best.
@@ -348,13 +389,39 @@ def _init_neuqi(
     best zero for that scale: continuous instead of a grid, never worse than the
     coarse optimum, and measured both lower-loss and ~1.6x faster on a
     1536×576 heavy-tailed layer at 3-bit g64.
+
+    ``max_clip`` (steps) keeps every weight within that many steps beyond the grid's
+    ends: the zero is confined to ``[−c − min/s, maxq + c − max/s]`` and scales
+    below ``range/(maxq + 2c)`` (where that interval is empty) are not tried.  The
+    weighted objective happily clips a row's rare large weights to sharpen the grid
+    for the rest; on Qwen2.5-Coder-0.5B those weights cost more perplexity than the
+    objective credits (bench/clip_restore.py).  The bounds stay valid: a constraint
+    only raises the loss.
     """
     s0 = minmax_scale(wg, maxq)
     spans, hp, ws, hs = _pair_bound_terms(wg, hg)
     rounding_bound = wg.shape[1] >= _ROUND_BOUND_MIN_LEN
+    w_min, w_max = ws[:, 0], ws[:, -1]
+
+    def zero_range(idx: Tensor | None, s: Tensor) -> tuple[Tensor, Tensor] | None:
+        if max_clip is None:
+            return None
+        lo, hi = (w_min, w_max) if idx is None else (w_min[idx], w_max[idx])
+        z_lo = -max_clip - lo / s
+        return z_lo, torch.maximum(maxq + max_clip - hi / s, z_lo)  # float guard at s_min
+
     best_s = s0.clone()
-    best_z, best_l = best_zero(wg / s0[:, None], hg, maxq)
+    best_z, best_l = best_zero(wg / s0[:, None], hg, maxq, zero_range(None, s0))
     best_l = best_l * s0 * s0
+    # The least scale whose zero interval is not empty, as a fraction of s₀.
+    min_ratio = 0.0 if max_clip is None else maxq / (maxq + 2 * max_clip)
+
+    def least_scale(z: Tensor) -> Tensor:
+        """Least scale at which zero ``z`` keeps every weight within the bound."""
+        c = float(max_clip or 0.0)
+        need_lo = torch.where(w_min < 0, -w_min / (z + c).clamp_min(1e-12), 0.0)
+        need_hi = torch.where(w_max > 0, w_max / (maxq + c - z).clamp_min(1e-12), 0.0)
+        return torch.maximum(torch.maximum(need_lo, need_hi), min_ratio * s0)
 
     def consider(s: Tensor) -> None:
         # A small margin guards the bound against float error.
@@ -366,7 +433,7 @@ def _init_neuqi(
         if idx.numel() == 0:
             return
         si = s[idx]
-        z, loss = best_zero(wg[idx] / si[:, None], hg[idx], maxq)
+        z, loss = best_zero(wg[idx] / si[:, None], hg[idx], maxq, zero_range(idx, si))
         loss = loss * si * si
         better = loss < best_l[idx]
         sel = idx[better]
@@ -375,8 +442,14 @@ def _init_neuqi(
         best_l[sel] = loss[better]
 
     top = round(coarse * max_ratio)
-    for i in _coarse_order(top, skip=coarse):  # s0 itself was evaluated above
-        consider(s0 * (i / coarse))
+    if max_clip is None:
+        for i in _coarse_order(top, skip=coarse):  # s0 itself was evaluated above
+            consider(s0 * (i / coarse))
+    else:
+        # As many candidates, spread over the feasible ratios only.
+        consider(s0 * min_ratio)  # the finest grid the bound allows
+        for i in _coarse_order(top, skip=-1):
+            consider(s0 * (min_ratio + (max_ratio - min_ratio) * i / top))
     if refine == "grid":
         centre = best_s.clone()
         half = (fine // coarse) // 2
@@ -384,20 +457,21 @@ def _init_neuqi(
             if k == 0:
                 continue
             s = centre + s0 * (k / fine)
-            s = torch.where(s > 0, s, centre)  # never a non-positive scale
+            s = torch.where(s > max(min_ratio, 0.0) * s0, s, centre)  # only feasible scales
             consider(s)
         return best_s, best_z
     # "exact": alternate the exact best scale for the zero and the exact best zero
     # for the scale; each step can only lower the loss (continuous, no grid).
     for _ in range(rounds):
-        s_new, _ = _chunked_scale_sweep(wg, hg, maxq, best_z[:, None])
+        floor = None if max_clip is None else least_scale(best_z)[:, None]
+        s_new, _ = _chunked_scale_sweep(wg, hg, maxq, best_z[:, None], floor)
         ok = torch.isfinite(s_new) & (s_new > 0)
         consider(torch.where(ok, s_new, best_s))
     return best_s, best_z
 
 
 def _chunked_scale_sweep(
-    wg: Tensor, hg: Tensor, maxq: int, zeros: Tensor | None = None
+    wg: Tensor, hg: Tensor, maxq: int, zeros: Tensor | None = None, s_floor: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """:func:`_scale_sweep_chunk` over chunks of groups; returns ``(scale, zero)``."""
     G, n = wg.shape
@@ -407,7 +481,8 @@ def _chunked_scale_sweep(
     scales, zero_pts = [], []
     for j, i in enumerate(range(0, G, chunk)):
         zi = None if zeros is None else zeros[i : i + chunk]
-        s, z, _ = _run_sweep(_scale_sweep_chunk, wg[i : i + chunk], hg[i : i + chunk], maxq, zi)
+        fi = None if s_floor is None else s_floor[i : i + chunk]
+        s, z, _ = _run_sweep(_scale_sweep_chunk, wg[i : i + chunk], hg[i : i + chunk], maxq, zi, fi)
         scales.append(s)
         zero_pts.append(z)
         _trim(j, wg.device)
@@ -415,7 +490,7 @@ def _chunked_scale_sweep(
 
 
 def _scale_sweep_chunk(
-    wg: Tensor, hg: Tensor, maxq: int, zeros: Tensor | None = None
+    wg: Tensor, hg: Tensor, maxq: int, zeros: Tensor | None = None, s_floor: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact ``min over every scale s > 0`` for each candidate zero-point, best kept.
 
@@ -425,7 +500,9 @@ def _scale_sweep_chunk(
     between those breakpoints every ``c_j = q_j − z`` is fixed and
     ``L(s) = Σhw² − 2sP + s²Q`` with ``P = Σh w c``, ``Q = Σh c²``, a convex
     quadratic in s minimised at ``P/Q`` (clamped to the piece).  One sorted sweep
-    per (group, z) visits every piece.  Returns ``(scale, zero, loss)``.
+    per (group, z) visits every piece.  ``s_floor: [G, Z]`` restricts each search to
+    scales at or above it (the pieces are clamped to it, those below it dropped).
+    Returns ``(scale, zero, loss)``.
     """
     w = wg.double()
     h = hg.double()
@@ -462,9 +539,11 @@ def _scale_sweep_chunk(
     r_hi = torch.cat([r, inf], dim=2)
     s_lo = 1.0 / r_hi  # 0 where r_hi = inf
     s_hi = torch.where(r_lo > 0, 1.0 / r_lo, torch.inf)
+    if s_floor is not None:
+        s_lo = torch.maximum(s_lo, s_floor.double()[:, :, None])
     s_star = torch.where(q > 0, p / q.clamp_min(1e-300), s_hi)
     s_star = torch.minimum(torch.maximum(s_star, s_lo), s_hi)
-    s_star = torch.where(torch.isfinite(s_star) & (s_star > 0), s_star, torch.nan)
+    s_star = torch.where(torch.isfinite(s_star) & (s_star > 0) & (s_lo <= s_hi), s_star, torch.nan)
     w2 = (h * w * w).sum(dim=1)[:, None, None]
     loss = w2 - 2 * s_star * p + s_star * s_star * q
     loss = torch.where(torch.isnan(s_star), torch.inf, loss).reshape(G, -1)
@@ -514,12 +593,14 @@ def init_params(
     *,
     clip: float = 1.0,
     grid: int | None = None,
+    max_clip: float | None = None,
 ) -> QuantParams:
     """Scale and zero-point per (row, group) of ``w: [out, in]``.
 
     ``h_diag: [in]`` weights the objective ``Σ_j h_j (w_j − ŵ_j)²`` (None: uniform).
     ``clip`` shrinks the min-max range (MagR's recipe); ``grid`` overrides the number
-    of shrink steps of ``mse``.
+    of shrink steps of ``mse``.  ``max_clip`` (NeUQI only) bounds how many steps
+    beyond the grid's ends any weight may lie (None: no bound, the paper's method).
     Returns ``QuantParams(scale, zero)`` with shapes ``[out, n_groups]``.
     """
     check_weight(w)
@@ -531,6 +612,9 @@ def init_params(
                 f"h_diag must have shape [in]={w.shape[1]}, got {tuple(h_diag.shape)}"
             )
         check_finite("h_diag", h_diag)
+    if max_clip is not None and (method != "neuqi" or not max_clip >= 0):
+        raise ValueError(f"max_clip applies to init 'neuqi' and must be >= 0, got {max_clip!r} "
+                         f"with init {method!r}")
     out = w.shape[0]
     wg, hg, n_groups = to_groups(w, spec, h_diag)
     maxq = spec.maxq
@@ -539,7 +623,7 @@ def init_params(
     elif method == "mse":
         scale, zero = _init_mse(wg, hg, maxq, grid=grid or 100)
     elif method == "neuqi":
-        scale, zero = _init_neuqi(wg, hg, maxq)
+        scale, zero = _init_neuqi(wg, hg, maxq, max_clip=max_clip)
     else:
         scale, zero = _init_neuqi_int(wg, hg, maxq)
     return QuantParams(scale.reshape(out, n_groups), zero.reshape(out, n_groups))
