@@ -48,6 +48,8 @@ def method_label(cfg: dict) -> str:
         label = f"{init}+{algo}"
     if cfg.get("magr"):
         label = "MagR+" + label
+    if cfg.get("max_clip") is not None:
+        label += f" clip{cfg['max_clip']:g}"
     if cfg.get("distilled"):
         label += "+distill"
     return label
