@@ -61,6 +61,9 @@ def quantize(
     eval_seqlen: int = 2048,
     eval_windows: Annotated[int | None, typer.Option(help="cap on windows per set")] = None,
     low_memory: Annotated[bool, typer.Option(help="read one layer at a time from the shards")] = False,
+    gguf: Annotated[str | None, typer.Option(
+        help="quantize for a llama.cpp block type (Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0): it sets the "
+             "bits and blocks, and the params are the ones the type stores")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Quantize MODEL layer by layer and save a packed checkpoint under OUT_DIR/RUN_NAME."""
@@ -74,7 +77,8 @@ def quantize(
                         damp=damp, calib=calib,
                         nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, dtype=dtype,
                         device=device, seed=seed, out_dir=str(out_dir), eval_sets=_split(eval),
-                        eval_seqlen=eval_seqlen, eval_windows=eval_windows, low_memory=low_memory)
+                        eval_seqlen=eval_seqlen, eval_windows=eval_windows, low_memory=low_memory,
+                        gguf=gguf)
         run_dir = quantize_model(cfg, quiet=quiet)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         _fail(exc)
@@ -201,21 +205,30 @@ def distill(
 @app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="a finished neuqi run folder")],
-    format: Annotated[str, typer.Option("--format", "-f", help="compressed-tensors | gptq | hqq")],
-    out: Annotated[Path, typer.Option(help="export folder (replaced atomically)")],
+    format: Annotated[str, typer.Option("--format", "-f", help="compressed-tensors | gptq | hqq | gguf")],
+    out: Annotated[Path, typer.Option(help="export folder, or the .gguf file (replaced atomically)")],
     dtype: Annotated[str, typer.Option(help="float16 | bfloat16 | float32 for the unquantized tensors")]
     = "float16",
     checkpoint_format: Annotated[str, typer.Option(help="gptq only: gptq_v2 | gptq (v1, lossless only)")]
     = "gptq_v2",
     verify: Annotated[bool, typer.Option(help="re-load with the consumer library and compare logits")]
     = True,
+    embed_type: Annotated[str, typer.Option(help="gguf only: type of token_embd (F32 F16 Q8_0 Q5_1 "
+                                                 "Q5_0 Q4_1 Q4_0)")] = "Q8_0",
+    output_type: Annotated[str | None, typer.Option(help="gguf only: type of an untied output head "
+                                                         "(default: the embedding's)")] = None,
+    source_gguf: Annotated[Path | None, typer.Option(help="gguf only: a GGUF of the same model for "
+                                                          "metadata and tokenizer (default: the run's "
+                                                          "own source file)")] = None,
 ) -> None:
     """Write a run in a format an inference engine loads; verified before it is put in place."""
     from neuqi.formats.export import export_run
 
     _setup_logging(True)
+    gguf_options = {"embed_type": embed_type, "output_type": output_type, "source": source_gguf}
     try:
-        res = export_run(run, format, out, dtype, checkpoint_format, verify)
+        res = export_run(run, format, out, dtype, checkpoint_format, verify,
+                         gguf_options if format == "gguf" else None)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         _fail(exc)
         return
@@ -245,6 +258,10 @@ def verify_cmd(
 
 def _print_verify(res: dict) -> None:
     t, e = res.get("tensors", {}), res.get("engine", {})
+    if "bit_exact" in res:  # gguf: the gguf package's dequantizer against our weights
+        console.print(f"gguf dequantizer: {'bit-exact' if res['bit_exact'] else res.get('errors')} "
+                      f"({res.get('linears', 0)} linears, embeddings {res.get('embedding_type')})")
+        return
     if t:
         console.print(f"tensors: {'bit-exact' if t.get('bit_exact') else t.get('error')}"
                       f" ({t.get('linears', 0)} linears)")

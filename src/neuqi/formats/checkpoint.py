@@ -3,7 +3,8 @@
 Layout (DESIGN.md): ``config.json`` with ``quantization_config.quant_method = "neuqi"``,
 tokenizer files, ``model.safetensors`` (or shards + index) holding, for every
 quantized linear ``L``, ``L.qweight``, ``L.scales``, ``L.zeros`` or ``L.qzeros``
-and ``L.bias``; everything else as in the FP model; ``neuqi_run.json``.
+(or, for GGUF block types, float32 ``L.scales`` and ``L.offsets``) and ``L.bias``;
+everything else as in the FP model; ``neuqi_run.json``.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ class QuantizedLinear:
         return cls(pack_weight(codes, bits).cpu(), codes.shape[1], bits, params, bias)
 
 
-def quantization_config(spec: QuantSpec, zero_point: str, act_order: bool, modules: list[str]) -> dict:
-    return {
+def quantization_config(
+    spec: QuantSpec, zero_point: str, act_order: bool, modules: list[str], gguf_type: str | None = None
+) -> dict:
+    qc = {
         "quant_method": "neuqi",
         "bits": spec.bits,
         "group_size": spec.group_size,
@@ -59,6 +62,9 @@ def quantization_config(spec: QuantSpec, zero_point: str, act_order: bool, modul
         "format_version": FORMAT_VERSION,
         "modules": modules,
     }
+    if gguf_type is not None:
+        qc["gguf_type"] = gguf_type
+    return qc
 
 
 def packed_tensors(name: str, q: QuantizedLinear, spec: QuantSpec, zero_point: str) -> dict[str, Tensor]:
@@ -69,7 +75,14 @@ def packed_tensors(name: str, q: QuantizedLinear, spec: QuantSpec, zero_point: s
         f"{name}.scales": q.params.scale.t().contiguous().to(torch.float16),
     }
     zeros = q.params.zero.t().contiguous()
-    if zero_point == "float":
+    if zero_point == "offset":
+        # GGUF block types: ŵ = s·q + m exactly as llama.cpp decodes it; float32
+        # holds every stored step and offset without rounding.
+        if q.params.offset is None:
+            raise ValueError(f"{name} has no offsets: not quantized for a GGUF type")
+        out[f"{name}.scales"] = q.params.scale.t().contiguous().float()
+        out[f"{name}.offsets"] = q.params.offset.t().contiguous().float()
+    elif zero_point == "float":
         out[f"{name}.zeros"] = zeros.to(torch.float16)
     else:
         out[f"{name}.qzeros"] = pack_zeros(zeros, spec.bits)
@@ -88,6 +101,7 @@ def write_checkpoint(
     tokenizer=None,
     run_info: dict | None = None,
     state: dict[str, Tensor] | None = None,
+    gguf_type: str | None = None,
 ) -> None:
     """Write the checkpoint files into an existing folder (the pipeline's temporary
     run directory, renamed into place once complete).
@@ -105,7 +119,8 @@ def write_checkpoint(
             continue
         tensors[key] = value.detach().contiguous()
     cfg = model.config.to_dict()
-    cfg["quantization_config"] = quantization_config(spec, zero_point, act_order, list(quantized))
+    cfg["quantization_config"] = quantization_config(spec, zero_point, act_order, list(quantized),
+                                                     gguf_type)
     _save_sharded(tensors, folder)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
     if tokenizer is not None:
@@ -197,7 +212,7 @@ def load_quantized(folder: Path | str, dtype: torch.dtype = torch.float32, devic
     for k, v in state.items():
         if shapes[k] != tuple(v.shape):
             raise ValueError(f"tensor {k} has shape {tuple(v.shape)}, expected {shapes[k]}")
-        if v.is_floating_point() and k.rsplit(".", 1)[-1] not in ("scales", "zeros"):
+        if v.is_floating_point() and k.rsplit(".", 1)[-1] not in ("scales", "zeros", "offsets"):
             state[k] = v.to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):

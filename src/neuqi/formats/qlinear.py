@@ -10,6 +10,8 @@ from torch import Tensor, nn
 
 from neuqi.formats.packing import unpack_weight, unpack_zeros
 
+ZERO_POINTS = ("float", "int", "offset")
+
 
 class QuantLinear(nn.Module):
     """Buffers (DESIGN.md "Checkpoint format"):
@@ -17,7 +19,9 @@ class QuantLinear(nn.Module):
     * ``qweight: [ceil(in/32)·bits, out]`` int32 — codes packed along the input dim;
     * ``scales: [n_groups, out]`` fp16;
     * ``zeros: [n_groups, out]`` fp16 (float zero-point) or
-      ``qzeros: [n_groups, ceil(out/32)·bits]`` int32 (integer zero-point);
+      ``qzeros: [n_groups, ceil(out/32)·bits]`` int32 (integer zero-point), or
+      ``offsets: [n_groups, out]`` float32 with float32 ``scales`` (GGUF block types:
+      ``ŵ = scale·q + offset``, exactly as llama.cpp decodes the block);
     * ``bias: [out]`` when the original layer had one.
 
     ``ŵ = scale · (q − zero)`` per (row, group).  With ``cache=True`` the dense weight
@@ -36,8 +40,8 @@ class QuantLinear(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if zero_point not in ("float", "int"):
-            raise ValueError(f"zero_point must be 'float' or 'int', got {zero_point!r}")
+        if zero_point not in ZERO_POINTS:
+            raise ValueError(f"zero_point must be one of {ZERO_POINTS}, got {zero_point!r}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.zero_point = bits, group_size, zero_point
         g = in_features if group_size == -1 else min(group_size, in_features)
@@ -45,8 +49,11 @@ class QuantLinear(nn.Module):
         words = math.ceil(in_features / 32) * bits
         kw = {"device": device}
         self.register_buffer("qweight", torch.zeros(words, out_features, dtype=torch.int32, **kw))
-        self.register_buffer("scales", torch.ones(self.n_groups, out_features, dtype=torch.float16, **kw))
-        if zero_point == "float":
+        sdtype = torch.float32 if zero_point == "offset" else torch.float16
+        self.register_buffer("scales", torch.ones(self.n_groups, out_features, dtype=sdtype, **kw))
+        if zero_point == "offset":
+            self.register_buffer("offsets", torch.zeros(self.n_groups, out_features, dtype=sdtype, **kw))
+        elif zero_point == "float":
             self.register_buffer("zeros", torch.zeros(self.n_groups, out_features, dtype=torch.float16, **kw))
         else:
             zw = math.ceil(out_features / 32) * bits
@@ -57,7 +64,9 @@ class QuantLinear(nn.Module):
         self._codes: Tensor | None = None  # unpacked codes, kept while training (distillation)
 
     def zero_values(self) -> Tensor:
-        """Zero-points as floats ``[n_groups, out]``."""
+        """Zero-points as floats ``[n_groups, out]`` (``−offset/scale`` in offset form)."""
+        if self.zero_point == "offset":
+            return -self.offsets.float() / self.scales.float()
         if self.zero_point == "float":
             return self.zeros.float()
         return unpack_zeros(self.qzeros, self.bits, self.out_features).float()
@@ -73,6 +82,8 @@ class QuantLinear(nn.Module):
             self.in_features if self.group_size == -1 else min(self.group_size, self.in_features)
         )
         s = self.scales.float().t()[:, g_idx]
+        if self.zero_point == "offset":
+            return s * self.codes().float() + self.offsets.float().t()[:, g_idx]
         z = self.zero_values().t()[:, g_idx]
         return s * (self.codes().float() - z)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from neuqi.quant import ALGORITHMS, INIT_METHODS, QuantSpec
+from neuqi.quant.gguf_types import GGUF_INITS, GGUFType, gguf_type
 
 
 @dataclass
@@ -36,8 +37,16 @@ class RunConfig:
     eval_seqlen: int = 2048
     eval_windows: int | None = None
     low_memory: bool = False  # read one layer at a time from safetensors shards
+    gguf: str | None = None  # a llama.cpp block type: it fixes bits, blocks and what params store
 
     def __post_init__(self) -> None:
+        if self.gguf is not None:
+            t = gguf_type(self.gguf)
+            self.gguf, self.bits, self.group_size = t.name, t.bits, t.block
+            if self.init not in GGUF_INITS:
+                raise ValueError(f"--gguf {t.name} takes --init {' or '.join(GGUF_INITS)}, got {self.init!r}")
+            if self.max_clip is not None:
+                raise ValueError("--max-clip is not available with --gguf")
         QuantSpec(self.bits, self.group_size)  # validates bits and group size
         if self.method not in ALGORITHMS:
             raise ValueError(f"--method must be one of {ALGORITHMS}, got {self.method!r}")
@@ -55,7 +64,13 @@ class RunConfig:
         return QuantSpec(self.bits, self.group_size)
 
     @property
+    def gguf_type(self) -> GGUFType | None:
+        return None if self.gguf is None else gguf_type(self.gguf)
+
+    @property
     def zero_point(self) -> str:
+        if self.gguf is not None:
+            return "offset"
         return "float" if self.init == "neuqi" else "int"
 
     @property
@@ -68,9 +83,8 @@ class RunConfig:
             f"n{self.nsamples}",
             f"L{self.seqlen}",
             self.method.upper(),
-            f"{self.bits}bit",
-            group,
         ]
+        parts += [self.gguf] if self.gguf is not None else [f"{self.bits}bit", group]
         if self.act_order and self.method != "rtn":
             parts.append("Hsort")
         parts.append(self.init)

@@ -171,10 +171,11 @@ def calibrate_and_quantize(
     batches = capture_layer0_inputs(model, adapter, windows, cfg.batch_size, device)
     t_capture = time.perf_counter() - t0
     opts = QuantOptions(cfg.spec, cfg.init, cfg.method, cfg.act_order, cfg.damp, cfg.magr,
-                        cfg.magr_alpha, cfg.max_clip)
+                        cfg.magr_alpha, cfg.max_clip, cfg.gguf_type)
     n_layers = len(model.get_submodule(adapter.layers))
     with progress_bar(quiet) as bar:
-        task = bar.add_task(f"quantize {cfg.bits}-bit", total=n_layers, info="")
+        what = cfg.gguf or f"{cfg.bits}-bit"
+        task = bar.add_task(f"quantize {what}", total=n_layers, info="")
 
         def on_layer(i: int, total: int, summary: dict) -> None:
             bar.update(task, advance=1, info=f"layer {i}: {summary['seconds']:.1f}s")
@@ -213,7 +214,7 @@ def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool) -> di
 
         run_info = {"config": cfg.to_dict(), "environment": environment(device)}
         write_checkpoint(model, records, cfg.spec, cfg.zero_point, cfg.act_order, work, tokenizer,
-                         run_info, state=state)
+                         run_info, state=state, gguf_type=cfg.gguf)
     if cfg.low_memory and cfg.eval_sets:
         from neuqi.formats.checkpoint import load_quantized
 

@@ -22,6 +22,7 @@ from neuqi.formats.checkpoint import QuantizedLinear
 from neuqi.memory import release_freed_memory
 from neuqi.models.adapters import Adapter, decoder_layers
 from neuqi.quant import QuantSpec, dequantize, gptq_quantize
+from neuqi.quant.gguf_types import GGUFType
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class QuantOptions:
     magr: bool
     magr_alpha: float | None
     max_clip: float | None = None
+    gguf: GGUFType | None = None
 
 
 @torch.no_grad()
@@ -142,6 +144,7 @@ def quantize_linear(lin: nn.Linear, H: Tensor, opts: QuantOptions) -> tuple[Quan
         magr_alpha=opts.magr_alpha,
         max_clip=opts.max_clip,
         param_dtype=torch.float16,
+        gguf=opts.gguf,
     )
     w_hat = dequantize(res.codes, res.params, opts.spec)
     lin.weight.data.copy_(w_hat.to(lin.weight.dtype))

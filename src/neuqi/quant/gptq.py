@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from neuqi.quant.gguf_types import GGUFType, gguf_params
 from neuqi.quant.grid import QuantParams, QuantSpec, check_finite, check_weight, dequantize
 from neuqi.quant.init import InitMethod, init_params
 from neuqi.quant.magr import magr_preprocess
@@ -165,6 +166,7 @@ def gptq_quantize(
     clip: float | None = None,
     max_clip: float | None = None,
     param_dtype: torch.dtype | None = None,
+    gguf: GGUFType | None = None,
 ) -> GPTQResult:
     """Quantize ``w: [out, in]`` against the second-moment matrix ``H: [in, in]``.
 
@@ -174,9 +176,19 @@ def gptq_quantize(
     processed by decreasing ``diag(H)`` but keep their original group.
     ``param_dtype`` (e.g. float16) rounds scales and zeros to their storage type
     *before* solving, so the codes are chosen for the parameters that are saved.
+    ``gguf`` (a llama.cpp block type) chooses the parameters the type can store
+    (:func:`~neuqi.quant.gguf_types.gguf_params`, init ``neuqi`` or ``minmax``) and the
+    solver rounds on exactly that grid, so its codes are the file's codes.
     """
     check_weight(w)
     check_hessian(H, w.shape[1])
+    if gguf is not None:
+        gguf.check_row_length(w.shape[1])
+        if spec != gguf.spec:
+            raise ValueError(f"{gguf.name} quantizes {gguf.bits}-bit blocks of {gguf.block}, "
+                             f"not {spec.bits}-bit groups of {spec.group_size}")
+        if max_clip is not None:
+            raise ValueError("max_clip is not available with GGUF types")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
     t0 = time.perf_counter()
@@ -192,8 +204,11 @@ def gptq_quantize(
     h_diag = damped_diagonal(H, damp)
     if clip is None:
         clip = magr_clip(spec) if (magr and init == "minmax") else 1.0
-    params = init_params(W, spec, init, h_diag, clip=clip, max_clip=max_clip)
-    if param_dtype is not None:
+    if gguf is not None:
+        params = gguf_params(W, gguf, init, h_diag)
+    else:
+        params = init_params(W, spec, init, h_diag, clip=clip, max_clip=max_clip)
+    if param_dtype is not None and gguf is None:
         params = round_params(params, param_dtype)
     t_init = time.perf_counter()
 

@@ -59,13 +59,20 @@ class QuantSpec:
 
 @dataclass
 class QuantParams:
-    """Per (row, group) parameters. ``scale, zero: [out, n_groups]``."""
+    """Per (row, group) parameters. ``scale, zero: [out, n_groups]``.
+
+    ``offset`` (same shape) is set for parameters in *offset form* (GGUF block
+    types): then ``ŵ = scale·q + offset`` exactly, as the file's dequantizer
+    computes it, and ``zero = −offset/scale`` serves only the solvers' rounding.
+    """
 
     scale: Tensor
     zero: Tensor
+    offset: Tensor | None = None
 
     def to(self, device: torch.device | str) -> QuantParams:
-        return QuantParams(self.scale.to(device), self.zero.to(device))
+        off = None if self.offset is None else self.offset.to(device)
+        return QuantParams(self.scale.to(device), self.zero.to(device), off)
 
     def expand(self, spec: QuantSpec, in_features: int) -> tuple[Tensor, Tensor]:
         """Scale and zero broadcast to every column: two ``[out, in]`` tensors."""
@@ -101,8 +108,11 @@ def quantize(w: Tensor, params: QuantParams, spec: QuantSpec) -> Tensor:
 
 
 def dequantize(codes: Tensor, params: QuantParams, spec: QuantSpec) -> Tensor:
-    """Float ``[out, in]`` weights ``s · (q − z)`` for integer ``codes``."""
+    """Float ``[out, in]`` weights ``s · (q − z)`` (or ``s·q + offset``) for integer ``codes``."""
     s, z = params.expand(spec, codes.shape[1])
+    if params.offset is not None:
+        m = params.offset[:, spec.group_index(codes.shape[1], params.offset.device)]
+        return s.float() * codes.float() + m.float()
     return s.float() * (codes.float() - z.float())
 
 

@@ -30,6 +30,7 @@ class LinearCodes:
     zero: Tensor  # [out, n_groups] float32 (integers when zero_point == "int")
     bias: Tensor | None
     group_size: int  # resolved: in_features for channel-wise
+    offset: Tensor | None = None  # [out, n_groups] float32: GGUF runs, ŵ = scale·code + offset
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -42,7 +43,7 @@ class ExportSource:
     config: dict  # the model's config.json without quantization_config
     bits: int
     group_size: int  # as configured (-1 = channel-wise)
-    zero_point: str  # "float" | "int"
+    zero_point: str  # "float" | "int" | "offset" (GGUF block types)
     act_order: bool
     linears: dict[str, LinearCodes]
     dense: dict[str, Tensor]  # every other tensor of the model, float32
@@ -74,6 +75,7 @@ def read_source(run_dir: Path | str) -> ExportSource:
             zero=mod.zero_values().t().contiguous(),
             bias=None if mod.bias is None else mod.bias.detach().float(),
             group_size=gs,
+            offset=mod.offsets.t().contiguous() if mod.zero_point == "offset" else None,
         )
         skip.update(f"{name}.{k}" for k, _ in mod.named_buffers())
         skip.update(f"{name}.{k}" for k, _ in mod.named_parameters())

@@ -1,0 +1,1 @@
+"""Inference engines we check our files with (llama.cpp today)."""

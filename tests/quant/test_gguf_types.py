@@ -1,0 +1,102 @@
+"""GGUF block types as parameter constraints: representable, near the dense optimum, never
+worse than llama.cpp's own min-max choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuqi.quant.gguf_types import GGUF_TYPES, block_fields, gguf_params, gguf_type
+from neuqi.quant.grid import dequantize, quantize
+from neuqi.quant.init import to_groups
+
+
+def _heavy(out: int, n_in: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)  # StudentT samples from the global generator
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, n_in, generator=g) * torch.rand(out, 1, generator=g)
+    w += 0.3 * torch.distributions.StudentT(2.5).sample((out, n_in))  # heavy tails
+    h = torch.rand(n_in, generator=g) ** 3 + 1e-3
+    return w, h
+
+
+def test_unknown_type_and_row_length_errors() -> None:
+    with pytest.raises(ValueError, match="choose one of Q4_0"):
+        gguf_type("Q3_0")
+    assert gguf_type("q5_1").name == "Q5_1"
+    with pytest.raises(ValueError, match="multiple of 32"):
+        gguf_params(torch.randn(4, 40), GGUF_TYPES["Q4_0"])
+    with pytest.raises(ValueError, match="init"):
+        gguf_params(torch.randn(4, 64), GGUF_TYPES["Q4_0"], init="mse")
+
+
+@pytest.mark.parametrize("name", list(GGUF_TYPES))
+def test_params_are_representable_and_beat_minmax(name: str) -> None:
+    t = GGUF_TYPES[name]
+    w, h = _heavy(48, 256)
+    ours = gguf_params(w, t, "neuqi", h)
+    ref = gguf_params(w, t, "minmax", h)
+    for p in (ours, ref):
+        d, m, _flip = block_fields(p, t)  # raises if not storable
+        assert torch.equal(d.half().float(), d)
+        assert m is None or torch.equal(m.half().float(), m)
+    wg, hg, _ = to_groups(w, t.spec, h)
+    from neuqi.quant.init import group_loss
+
+    def loss(p):
+        return group_loss(wg, hg, p.scale.reshape(-1), p.zero.reshape(-1), t.maxq)
+
+    lo, lr = loss(ours), loss(ref)
+    assert bool((lo <= lr * (1 + 1e-6)).all()), "NeUQI must never lose to min-max on a block"
+    assert float(lo.sum()) < 0.97 * float(lr.sum())  # and clearly better in total
+
+
+def _dense_best(wg: torch.Tensor, hg: torch.Tensor, t) -> torch.Tensor:
+    """Best loss over a dense set of representable (fp16 step, fp16 offset) per block."""
+    from neuqi.quant.init import best_zero, group_loss
+
+    rng = (wg.amax(1) - wg.amin(1)).clamp_min(1e-8)
+    best = torch.full((wg.shape[0],), float("inf"))
+    for f in torch.linspace(0.3, 1.3, 2500):
+        d = (rng * f / t.maxq).half().float()
+        if t.asymmetric:
+            z, _ = best_zero(wg / d[:, None], hg, t.maxq)
+            m0 = (-d * z).half()
+            for k in (-2, -1, 0, 1, 2):  # fp16 offsets around the exact best one
+                m = m0.float() if k == 0 else torch.nextafter(
+                    m0, torch.full_like(m0, float("inf") if k > 0 else float("-inf"))).float()
+                if abs(k) == 2:
+                    m = torch.nextafter(m.half(), torch.full_like(m0, float("inf") if k > 0 else float(
+                        "-inf"))).float()
+                best = torch.minimum(best, group_loss(wg, hg, d, -m / d, t.maxq))
+        else:
+            for z in (t.centre, t.centre - 1):
+                best = torch.minimum(best, group_loss(wg, hg, d, torch.full_like(d, float(z)), t.maxq))
+    return best
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_1"])
+def test_near_dense_search_of_the_representable_set(name: str) -> None:
+    from neuqi.quant.init import group_loss
+
+    t = GGUF_TYPES[name]
+    w, h = _heavy(16, 128, seed=3)
+    p = gguf_params(w, t, "neuqi", h)
+    wg, hg, _ = to_groups(w, t.spec, h)
+    ours = group_loss(wg, hg, p.scale.reshape(-1), p.zero.reshape(-1), t.maxq)
+    dense = _dense_best(wg, hg, t)
+    ratio = ours / dense
+    # NeUQI's scale search is not exhaustive: at 5 bits one block in 64 sits 7 % above
+    # the dense optimum (Q4 types: ≤ 0.2 %); the mean is what the claim is about.
+    assert float(ratio.mean()) <= 1.003
+    assert float(ratio.max()) <= (1.1 if t.bits == 5 else 1.01)
+
+
+def test_offset_form_dequantizes_to_stored_values() -> None:
+    t = GGUF_TYPES["Q4_1"]
+    w, h = _heavy(8, 64, seed=5)
+    p = gguf_params(w, t, "neuqi", h)
+    q = quantize(w, p, t.spec)
+    d, m, _ = block_fields(p, t)
+    expect = q.float().reshape(8, 2, 32) * d[..., None] + m[..., None]
+    assert torch.equal(dequantize(q, p, t.spec), expect.reshape(8, 64))
