@@ -7,7 +7,7 @@ CACHE ?= $(CURDIR)/.cache/neuqi
 export NEUQI_CACHE := $(CACHE)
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo data lint clean bench-peers
+.PHONY: venv test demo data lint clean bench-peers bench-gguf llama-cpp
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,15 @@ venv: $(STAMP)
 data: $(STAMP)
 	$(PY) -m neuqi.data.fetch
 
-test: $(STAMP) data
+# llama.cpp's CPU tools (llama-quantize, -perplexity, -imatrix, -tokenize), built once
+# from the llama-cpp-python sdist into the cache: the GGUF tests run our files in them.
+LLAMA_CPP_STAMP := $(CACHE)/llama.cpp/0.3.36/build/.complete
+$(LLAMA_CPP_STAMP): | $(STAMP)
+	$(PY) -m neuqi.engines.llamacpp build
+
+llama-cpp: $(LLAMA_CPP_STAMP)
+
+test: $(STAMP) data $(LLAMA_CPP_STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(PY) -m pytest -q --durations=10
 
@@ -40,6 +48,10 @@ demo: $(STAMP)
 # venv under .venv-peers/ (pinned in bench/peers.py); ARGS passes options through.
 bench-peers: $(STAMP) data
 	$(PY) bench/peers.py $(ARGS)
+
+# neuqi's GGUF files vs llama-quantize (with and without imatrix), measured by llama.cpp.
+bench-gguf: $(STAMP) data $(LLAMA_CPP_STAMP)
+	$(PY) bench/gguf_vs_llamacpp.py $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

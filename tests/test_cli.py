@@ -67,3 +67,37 @@ def test_demo_prints_fp_gptq_and_neuqi_rows(tmp_path, monkeypatch):
     assert [r[0] for r in rows] == ["FP (de-quantized Q4_1 GGUF)", "GPTQ/LDLQ + min-max", "NeUQI + LDLQ"]
     text = console.export_text()
     assert "NeUQI + LDLQ" in text and f"{rows[2][2]['wiki-sample']['ppl']:.3f}" in text
+
+
+def test_quantize_for_a_gguf_type_stores_what_the_type_stores(calib_file, tmp_path):
+    """--gguf on a tiny model: a normal run whose codes and block parameters are the
+    type's own; a run for another kind refuses --format gguf with the fix."""
+    import torch
+
+    import neuqi
+    from neuqi.formats.export.source import read_source
+    from neuqi.quant.gguf_types import GGUF_TYPES, block_fields
+    from neuqi.quant.grid import QuantParams
+
+    model = make_tiny_model(tmp_path / "tiny", "llama")
+    out = tmp_path / "runs"
+    res = runner.invoke(app, ["quantize", str(model), "--gguf", "q5_1", "--calib", str(calib_file),
+                              "--nsamples", "4", "--seqlen", "64", "--out-dir", str(out), "--device", "cpu",
+                              "-q"])
+    assert res.exit_code == 0, res.output
+    run_dir = out / "tiny.calib.n4.L64.LDLQ.Q5_1.Hsort.neuqi"
+    qc = json.loads((run_dir / "config.json").read_text())["quantization_config"]
+    assert qc["gguf_type"] == "Q5_1" and qc["bits"] == 5 and qc["group_size"] == 32
+    src = read_source(run_dir)
+    assert src.zero_point == "offset"
+    for lin in src.linears.values():  # every block's step and offset is storable as Q5_1
+        block_fields(QuantParams(lin.scale.float(), lin.zero.float(), lin.offset.float()), GGUF_TYPES["Q5_1"])
+    ids = torch.randint(0, 300, (1, 16))
+    assert torch.isfinite(neuqi.load(run_dir)(ids).logits).all()
+
+    res = runner.invoke(app, ["quantize", str(model), "--gguf", "Q3_0", "-q"])
+    assert res.exit_code == 2 and "choose one of Q4_0" in res.output
+    res = runner.invoke(app, ["quantize", str(model), "--gguf", "Q4_0", "--init", "neuqi_int", "-q"])
+    assert res.exit_code == 2 and "neuqi or minmax" in res.output
+    res = runner.invoke(app, ["export", str(run_dir), "-f", "hqq", "--out", str(tmp_path / "h")])
+    assert res.exit_code == 2 and "--format gguf" in res.output

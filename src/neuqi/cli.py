@@ -233,7 +233,8 @@ def export(
         _fail(exc)
         return
     _print_verify(res)
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    files = [out] if out.is_file() else [p for p in out.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
     console.print(f"[green]wrote[/] {out} ({format}, {size / 2**20:.1f} MiB)")
 
 

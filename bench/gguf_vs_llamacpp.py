@@ -1,0 +1,252 @@
+"""neuqi's GGUF files against llama.cpp's own quantizer, measured by llama.cpp itself.
+
+    python bench/gguf_vs_llamacpp.py [--model smollm2-135m] [--types Q4_0,Q5_0,Q4_1]
+        [--nsamples 32 --seqlen 512] [--ctx 512 --chunks 40] [--rows llama,llama-imatrix,neuqi,rtn]
+
+Same FP GGUF in (the de-quantized float model written with the source GGUF's
+metadata, F32), every linear at the same type in both tools (``llama-quantize --pure``)
+and the token embedding / output head at Q8_0 in both.  Rows per type:
+
+* ``llama``: ``llama-quantize --pure`` (its own block search, no importance matrix);
+* ``llama-imatrix``: the same with ``llama-imatrix`` computed on our calibration windows
+  (decoded to text, so both tools see the same tokens);
+* ``neuqi``: NeUQI + LDLQ (act-order) under the type, exported with ``neuqi export``;
+* ``rtn``: neuqi's round-to-nearest with min-max block parameters (a control).
+
+Quality is measured by ``llama-perplexity`` (``-c ctx``, first ``chunks`` chunks) on
+wiki-sample and brown, and its ``--kl-divergence`` mode against the FP GGUF on
+wiki-sample (mean KL, top-1 agreement).  Quantization seconds are wall time of the
+whole command, one process at a time.  Resumable: every finished file and
+measurement is reused; results land in ``bench/results/gguf/<model>/{gguf.json,gguf.md}``
+as they are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from neuqi.data.cache import cache_dir
+from neuqi.data.fetch import MODELS, fetch_corpus, fetch_model
+from neuqi.engines import llamacpp
+from neuqi.io_utils import atomic_write_json, atomic_write_text
+
+ROOT = Path(__file__).resolve().parent.parent
+NEUQI = [sys.executable, "-m", "neuqi.cli"]
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Results:
+    """``gguf.json``: one record per key, written after every measurement."""
+
+    def __init__(self, path: Path, meta: dict) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {"meta": meta, "rows": {}}
+        self.data["meta"].update(meta)
+
+    def get(self, key: str) -> dict:
+        return self.data["rows"].setdefault(key, {})
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+
+def calibration_text(model: str, nsamples: int, seqlen: int, seed: int, out: Path) -> Path:
+    """Our calibration windows, decoded: llama-imatrix reads text, and this gives it ours."""
+    if out.exists():
+        return out
+    from neuqi.models.loading import load_tokenizer
+    from neuqi.pipeline.config import RunConfig
+    from neuqi.pipeline.run import calibration_windows
+
+    cfg = RunConfig(model=model, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    tok = load_tokenizer(str(fetch_model(cache_dir(), model)))
+    windows = calibration_windows(cfg, tok)
+    text = "\n\n".join(tok.decode(w.tolist(), skip_special_tokens=True) for w in windows)
+    atomic_write_text(out, text)
+    return out
+
+
+def timed(cmd: list[str], log: Path) -> float:
+    t0 = time.perf_counter()
+    with log.open("w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ})
+    if proc.returncode != 0:
+        tail = log.read_text().splitlines()[-12:]
+        raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} … failed:\n" + "\n".join(tail))
+    return time.perf_counter() - t0
+
+
+def neuqi_gguf(model: str, t: str, method: str, init: str, args, work: Path) -> tuple[Path, float, float]:
+    """Quantize with neuqi for type ``t`` and export; returns (file, quantize s, export s)."""
+    from neuqi.pipeline.config import RunConfig
+
+    cfg = RunConfig(model=model, gguf=t, method=method, init=init, nsamples=args.nsamples,
+                    seqlen=args.seqlen, out_dir=str(work / "runs"))
+    run_dir = work / "runs" / cfg.run_name
+    out = work / f"neuqi-{method}-{init}-{t}.gguf"
+    q_s = e_s = 0.0
+    if not (run_dir / "result.json").exists():
+        q_s = timed([*NEUQI, "quantize", model, "--gguf", t, "--method", method, "--init", init,
+                     "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+                     "--out-dir", str(work / "runs"), "--eval", "", "-q"], work / f"{out.stem}.quantize.log")
+    if not out.exists():
+        e_s = timed([*NEUQI, "export", str(run_dir), "--format", "gguf", "--out", str(out),
+                     "--embed-type", "Q8_0"], work / f"{out.stem}.export.log")
+    return out, q_s, e_s
+
+
+def measure(rec: dict, gguf: Path, texts: dict[str, Path], kl_base: Path, args, save) -> None:
+    for name, path in texts.items():
+        if name not in rec.get("ppl", {}):
+            r = llamacpp.perplexity(gguf, path, ctx=args.ctx, chunks=args.chunks)
+            rec.setdefault("ppl", {})[name] = {"ppl": r.ppl, "err": r.ppl_err, "chunks": r.chunks}
+            save()
+    if "kl" not in rec:
+        r = llamacpp.perplexity(gguf, texts["wiki-sample"], ctx=args.ctx, kl_base=kl_base)
+        rec["kl"] = {"mean": r.kl_mean, "err": r.kl_err, "same_top1_pct": r.same_top1}
+        save()
+    rec["bytes"] = gguf.stat().st_size
+    save()
+
+
+def markdown(data: dict) -> str:
+    m = data["meta"]
+    lines = [
+        f"# GGUF: neuqi vs llama.cpp's quantizer — {m['model']}",
+        "",
+        f"Measured by llama.cpp {m['llama_cpp']} (built from the llama-cpp-python sdist): "
+        f"`llama-perplexity -c {m['ctx']} --chunks {m['chunks']}`, KL against the F32 GGUF on "
+        f"wiki-sample. Calibration: {m['nsamples']} × {m['seqlen']} tokens of c4-sample for both "
+        f"tools. Every linear at the row's type (`--pure`), token embedding and output at Q8_0.",
+        "",
+        f"Command: `{m['command']}` — commit {m['commit']}, {m['machine']}, {m['date']}.",
+        "",
+        "| type | tool | wiki-sample PPL | brown PPL | KL vs F32 | same top-1 % | MiB | quantize s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, rec in data["rows"].items():
+        if key == "FP":
+            continue
+        t, tool = key.split("/", 1)
+        ppl = rec.get("ppl", {})
+        kl = rec.get("kl", {})
+
+        def f(v, spec):
+            return "—" if v is None else format(v, spec)
+
+        lines.append(
+            f"| {t} | {tool} | {f(ppl.get('wiki-sample', {}).get('ppl'), '.3f')} | "
+            f"{f(ppl.get('brown', {}).get('ppl'), '.3f')} | {f(kl.get('mean'), '.5f')} | "
+            f"{f(kl.get('same_top1_pct'), '.2f')} | {f(rec.get('bytes', 0) / 2**20, '.1f')} | "
+            f"{f(rec.get('quantize_s'), '.0f')} |"
+            + (f" error: {rec['error'][:80]} |" if rec.get("error") else "")
+        )
+    fp = data["rows"].get("FP", {}).get("ppl", {})
+    if fp:
+        lines += ["", f"F32 GGUF: wiki-sample {fp.get('wiki-sample', {}).get('ppl', float('nan')):.3f}, "
+                  f"brown {fp.get('brown', {}).get('ppl', float('nan')):.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS))
+    p.add_argument("--types", default="Q4_0,Q5_0,Q4_1")
+    p.add_argument("--rows", default="llama,llama-imatrix,neuqi,rtn")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--chunks", type=int, default=40)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gguf")
+    args = p.parse_args()
+
+    llamacpp.build()
+    cache = cache_dir()
+    fp_folder = fetch_model(cache, args.model)
+    source = cache / "gguf" / MODELS[args.model].gguf_name
+    work = args.out / args.model
+    work.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "ctx": args.ctx,
+        "chunks": args.chunks, "llama_cpp": f"llama-cpp-python {llamacpp.LLAMA_CPP_PYTHON_VERSION}",
+        "commit": _git_commit(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(
+            [str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute() else sys.argv[0],
+             *sys.argv[1:]]),
+    }
+    res = Results(work / "gguf.json", meta)
+
+    def save() -> None:
+        res.save()
+        atomic_write_text(work / "gguf.md", markdown(res.data))
+
+    from neuqi.formats.export.gguf import write_dense_gguf
+
+    fp_gguf = work / "fp.f32.gguf"
+    if not fp_gguf.exists():
+        write_dense_gguf(fp_folder, source, fp_gguf, dtype="F32")
+    texts = {n: fetch_corpus(n, cache) for n in ("wiki-sample", "brown")}
+    kl_base = work / "fp.kl-base.bin"
+    fp = res.get("FP")
+    if not kl_base.exists():
+        r = llamacpp.perplexity(fp_gguf, texts["wiki-sample"], ctx=args.ctx, chunks=args.chunks,
+                                save_kl_base=kl_base)
+        fp.setdefault("ppl", {})["wiki-sample"] = {"ppl": r.ppl, "err": r.ppl_err, "chunks": r.chunks}
+        save()
+    if "brown" not in fp.get("ppl", {}):
+        r = llamacpp.perplexity(fp_gguf, texts["brown"], ctx=args.ctx, chunks=args.chunks)
+        fp.setdefault("ppl", {})["brown"] = {"ppl": r.ppl, "err": r.ppl_err, "chunks": r.chunks}
+        save()
+
+    rows = args.rows.split(",")
+    imatrix = work / "imatrix.gguf"
+    if "llama-imatrix" in rows and not imatrix.exists():
+        calib = calibration_text(args.model, args.nsamples, args.seqlen, 0, work / "calib.txt")
+        t0 = time.perf_counter()
+        llamacpp.imatrix(fp_gguf, calib, imatrix, ctx=args.seqlen, chunks=args.nsamples)
+        res.data["meta"]["imatrix_s"] = time.perf_counter() - t0
+        save()
+    for t in args.types.split(","):
+        for row in rows:
+            rec = res.get(f"{t}/{row}")
+            if rec.get("error"):
+                continue
+            try:
+                if row.startswith("llama"):
+                    out = work / f"{row}-{t}.gguf"
+                    if not out.exists():
+                        t0 = time.perf_counter()
+                        im = imatrix if row == "llama-imatrix" else None
+                        llamacpp.quantize(fp_gguf, out, t, imatrix=im, embed_type="Q8_0", output_type="Q8_0")
+                        rec["quantize_s"] = time.perf_counter() - t0
+                        save()
+                else:
+                    method, init = ("ldlq", "neuqi") if row == "neuqi" else ("rtn", "minmax")
+                    out, q_s, e_s = neuqi_gguf(args.model, t, method, init, args, work)
+                    if q_s:
+                        rec["quantize_s"], rec["export_s"] = q_s, e_s
+                        save()
+                measure(rec, out, texts, kl_base, args, save)
+            except (RuntimeError, ValueError, FileNotFoundError) as exc:
+                rec["error"] = str(exc)
+                save()
+            print(f"{t}/{row}: {json.dumps({k: v for k, v in rec.items() if k != 'error'})}", flush=True)
+    print(markdown(res.data))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Our GGUF files in llama.cpp itself (built by `make test`), on the real SmolLM2-135M.
+
+The tolerance for "llama.cpp runs it as we do" is calibrated on llama.cpp's run of the
+F32 GGUF of the same float model: its CPU kernels differ from torch's even there, and
+for quantized weights its dot products also quantize the activations (to 8 bits), so
+the quantized file is allowed a few times the F32 discrepancy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import neuqi
+from neuqi.data.cache import cache_dir
+from neuqi.data.fetch import DEFAULT_MODEL, MODELS, fetch_corpus
+from neuqi.engines import llamacpp
+from neuqi.engines.agreement import engine_agreement
+from neuqi.formats.export import export_run
+from neuqi.formats.export.gguf import open_gguf, write_dense_gguf
+from neuqi.models.loading import load_model, load_tokenizer
+from neuqi.pipeline.config import RunConfig
+from neuqi.pipeline.run import quantize_model
+
+pytestmark = pytest.mark.integration
+CTX, CHUNKS = 256, 3
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = cache_dir() / "models" / "smollm2-135m"
+    source = cache_dir() / "gguf" / MODELS[DEFAULT_MODEL].gguf_name
+    if not (path / "model.safetensors").exists() or not source.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: `make test` fetches it with `make data`")
+        pytest.skip("SmolLM2 not in the data cache (run `make data`)")
+    llamacpp.tool("llama-perplexity")  # fails with how to build it
+    return path, source
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("gguf")
+
+
+def _engine_base(gguf, work, name):
+    text = fetch_corpus("wiki-sample", cache_dir())
+    base = work / f"{name}.kl-base.bin"
+    r = llamacpp.perplexity(gguf, text, ctx=CTX, chunks=CHUNKS, save_kl_base=base)
+    return r, llamacpp.read_kl_base(base)
+
+
+@pytest.fixture(scope="module")
+def fp_agreement(smollm2, work):
+    folder, source = smollm2
+    fp = write_dense_gguf(folder, source, work / "fp.f32.gguf")
+    r, base = _engine_base(fp, work, "fp")
+    tok = load_tokenizer(folder)
+    agree = engine_agreement(load_model(folder), base, tok.bos_token_id)
+    return r, agree
+
+
+@pytest.mark.parametrize("gguf_type", ["Q4_0", "Q5_1"])
+def test_llamacpp_runs_our_gguf_as_we_do(smollm2, work, fp_agreement, gguf_type):
+    folder, source = smollm2
+    cfg = RunConfig(model=str(folder), gguf=gguf_type, method="ldlq", init="neuqi", nsamples=4, seqlen=128,
+                    out_dir=str(work / "runs"), device="cpu")
+    run_dir = quantize_model(cfg, quiet=True)
+    out = work / f"{gguf_type}.gguf"
+    res = export_run(run_dir, "gguf", out, gguf_options={"source": source})
+    assert res["ok"] and res["bit_exact"] and res["linears"] == 30 * 7
+    reader = open_gguf(out)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == gguf_type and types["token_embd.weight"] == "Q8_0"
+
+    r, base = _engine_base(out, work, gguf_type)
+    tok = load_tokenizer(folder)
+    ours = engine_agreement(neuqi.load(run_dir), base, tok.bos_token_id)
+    fp_r, fp = fp_agreement
+    # llama.cpp's own perplexity is the one it printed; ours reproduces its protocol.
+    assert abs(ours["ppl_engine"] / r.ppl - 1) < 2e-3
+    assert abs(fp["ppl_engine"] / fp_r.ppl - 1) < 2e-3
+    # F32: llama.cpp and torch agree closely; measured 2026-12-03 (see docs/gguf.md).
+    assert fp["nll_abs_mean"] < 0.01 and fp["top1_agree"] > 0.98
+    # Quantized weights: the same model, within a few times the F32 discrepancy.
+    assert abs(ours["ppl_ours"] / ours["ppl_engine"] - 1) < 0.02
+    assert ours["nll_abs_mean"] < max(5 * fp["nll_abs_mean"], 0.02)
+    assert ours["kl_mean"] < max(5 * fp["kl_mean"], 0.005)
+    assert ours["top1_agree"] > 0.95
+    # and it is a 4/5-bit model, not the FP one: llama.cpp's PPL moved from the F32 one
+    assert r.ppl != fp_r.ppl
+
+
+def test_export_refuses_a_run_not_quantized_for_gguf(smollm2, work):
+    folder, source = smollm2
+    cfg = RunConfig(model=str(folder), bits=4, group_size=32, method="rtn", init="minmax", nsamples=1,
+                    seqlen=32, out_dir=str(work / "runs"), device="cpu")
+    run_dir = quantize_model(cfg, quiet=True)
+    with pytest.raises(ValueError, match="--gguf TYPE"):
+        export_run(run_dir, "gguf", work / "x.gguf", gguf_options={"source": source})
+    assert not (work / "x.gguf").exists()
+    truncated = work / "trunc.gguf"
+    truncated.write_bytes(source.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="not a readable GGUF"):
+        export_run(run_dir, "gguf", work / "y.gguf", gguf_options={"source": truncated})
