@@ -205,10 +205,11 @@ def gguf_params(
     return QuantParams(scale.reshape(shape), zero.reshape(shape), offset.reshape(shape))
 
 
-def block_fields(params: QuantParams, t: GGUFType) -> tuple[Tensor, Tensor | None, bool]:
+def block_fields(params: QuantParams, t: GGUFType) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """What a block stores: ``(d, m, flip)`` as fp16-valued float tensors ``[out, n_blocks]``.
 
-    For symmetric types ``m`` is None and ``flip`` marks blocks whose codes are stored
+    For asymmetric types ``flip`` is None; for symmetric ones ``m`` is None and ``flip``
+    marks blocks whose codes are stored
     as ``maxq − q`` under a negative ``d`` (zero ``c − 1``).  Raises if the params are
     not representable in ``t`` (a run quantized for another type).
     """
@@ -221,7 +222,7 @@ def block_fields(params: QuantParams, t: GGUFType) -> tuple[Tensor, Tensor | Non
         m = params.offset.float()
         if not torch.equal(_fp16(m), m):
             raise ValueError(f"offsets are not fp16 values: not a {t.name} run")
-        return d, m, False
+        return d, m, None
     z = -params.offset.float() / d
     c = float(t.centre)
     if not bool(((z == c) | (z == c - 1)).all()):
