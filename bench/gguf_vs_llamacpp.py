@@ -83,7 +83,7 @@ def calibration_text(model: str, nsamples: int, seqlen: int, seed: int, out: Pat
 def timed(cmd: list[str], log: Path) -> float:
     t0 = time.perf_counter()
     with log.open("w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ})
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = log.read_text().splitlines()[-12:]
         raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} … failed:\n" + "\n".join(tail))

@@ -25,6 +25,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from neuqi.io_utils import atomic_path
+
 # The sdist pins the llama.cpp tree (and the gguf-py next to it) we build and test against.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 TOOLS = ("llama-quantize", "llama-perplexity", "llama-imatrix", "llama-tokenize")
@@ -268,14 +270,8 @@ def quantize(
         cmd += ["--token-embedding-type", embed_type.lower()]
     if output_type:
         cmd += ["--output-tensor-type", output_type.lower()]
-    tmp = dst.with_name(f".{dst.name}.partial")
-    cmd += [str(src), str(tmp), type_name, _threads(threads)]
-    try:
-        out = _tool_output(cmd)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    with atomic_path(dst) as tmp:
+        return _tool_output([*cmd, str(src), str(tmp), type_name, _threads(threads)])
 
 
 def imatrix(
@@ -283,17 +279,13 @@ def imatrix(
     threads: int | None = None,
 ) -> str:
     """``llama-imatrix`` on ``text``: the importance matrix llama-quantize weighs errors by."""
-    tmp = out.with_name(f".{out.name}.partial{out.suffix}")
-    cmd = [str(tool("llama-imatrix")), "-m", str(model), "-f", str(text), "-o", str(tmp),
-           "-c", str(ctx), "-t", _threads(threads)]
-    if chunks:
-        cmd += ["--chunks", str(chunks)]
-    try:
-        log = _tool_output(cmd)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return log
+    # llama-imatrix picks its output format by the file's extension: keep it
+    with atomic_path(out, suffix=f".tmp{out.suffix}") as tmp:
+        cmd = [str(tool("llama-imatrix")), "-m", str(model), "-f", str(text), "-o", str(tmp),
+               "-c", str(ctx), "-t", _threads(threads)]
+        if chunks:
+            cmd += ["--chunks", str(chunks)]
+        return _tool_output(cmd)
 
 
 def tokenize(model: Path, text: str) -> list[int]:
@@ -314,13 +306,9 @@ def convert(hf_folder: Path, out: Path, outtype: str = "f32") -> Path:
     script = source_dir() / "convert_hf_to_gguf.py"
     if not script.is_file():
         raise FileNotFoundError(f"{script} is missing; run `python -m neuqi.engines.llamacpp build` first")
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
+    with atomic_path(out) as tmp:
         _tool_output([sys.executable, str(script), str(hf_folder), "--outfile", str(tmp),
                       "--outtype", outtype])
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

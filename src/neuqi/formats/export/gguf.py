@@ -17,10 +17,8 @@ de-quantized weights bit for bit, and only then renamed into place.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ from torch import Tensor
 
 from neuqi.formats.export.source import LinearCodes, read_source
 from neuqi.formats.gguf_blocks import pack_blocks
+from neuqi.io_utils import atomic_path
 from neuqi.quant.gguf_types import GGUF_TYPES, GGUFType, gguf_type
 from neuqi.quant.grid import QuantParams, dequantize
 
@@ -205,18 +204,11 @@ def export_gguf(
         tt = src_tensors[gname]
         payloads[gname] = (np.asarray(tt.data), tt.tensor_type)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
+    with atomic_path(out) as tmp:
         _write(reader, arch, [tt.name for tt in reader.tensors], payloads, FILE_TYPES[t.name], tmp)
         result = verify_gguf(tmp, expected) if check else {"ok": None, "skipped": "--no-verify"}
         if check and not result["ok"]:
             raise RuntimeError(f"the GGUF export failed verification; nothing written: {result}")
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     result.update(export=str(out), type=t.name, embedding_type=embed_type, output_type=output_type,
                   source_gguf=str(source), bytes=out.stat().st_size)
     return result
@@ -297,14 +289,8 @@ def write_dense_gguf(model_folder: Path, source: Path, out: Path, dtype: str = "
         payloads[gname] = (w.numpy().astype(np.float16 if ty == "F16" else np.float32), None)
     for tt in reader.tensors:
         payloads.setdefault(tt.name, (np.asarray(tt.data), tt.tensor_type))
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
+    with atomic_path(out) as tmp:
         _write(reader, arch, [tt.name for tt in reader.tensors], payloads, FILE_TYPES[dtype], tmp)
         open_gguf(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     return out
 
