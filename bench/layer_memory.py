@@ -18,15 +18,14 @@ from neuqi.data.corpora import load_text, sample_windows, tokenize
 from neuqi.memory import process_memory_kb, release_freed_memory, reset_peak_memory
 from neuqi.models.adapters import adapter_for
 from neuqi.models.loading import load_model, load_tokenizer
+from neuqi.pipeline.config import QuantConfig
 from neuqi.pipeline.sequential import (
-    QuantOptions,
     capture_layer0_inputs,
     decoder_layers,
     group_hessian,
     layer_outputs,
     quantize_linear,
 )
-from neuqi.quant.grid import QuantSpec
 
 
 def status_mb() -> dict[str, int]:
@@ -48,7 +47,7 @@ def main() -> None:
     windows = sample_windows(tokenize(load_text("c4-sample"), tokenizer), args.nsamples, args.seqlen, 0)
     batches = capture_layer0_inputs(model, adapter, windows, 1, torch.device("cpu"))
     layer = decoder_layers(model, adapter)[args.layer]
-    opts = QuantOptions(QuantSpec(args.bits, args.group_size), args.init, "ldlq", True, 0.01, False, None)
+    opts = QuantConfig(bits=args.bits, group_size=args.group_size, init=args.init)
     release_freed_memory()
     reset_peak_memory(torch.device("cpu"))
     print(f"{'step':28s} {'RSS MB':>8s} {'peak MB':>8s}")

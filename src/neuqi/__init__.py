@@ -7,6 +7,22 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 
+__all__ = ["QuantConfig", "load", "quantize"]
+
+
+def __getattr__(name: str):
+    # The API pulls in the pipeline (transformers, rich); import it when first used.
+    if name == "quantize":
+        from neuqi.api import quantize
+
+        return quantize
+    if name == "QuantConfig":
+        from neuqi.pipeline.config import QuantConfig
+
+        return QuantConfig
+    raise AttributeError(f"module 'neuqi' has no attribute {name!r}")
+
+
 def load(path: str | Path, dtype=None, device: str = "cpu"):
     """Open a native neuqi checkpoint as a transformers model with ``QuantLinear`` layers."""
     import torch

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import typing
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated
 
@@ -36,34 +39,50 @@ def _split(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def with_quant_options(command):
+    """Give a typer command one option per ``QuantConfig`` field (its help, its flags).
+
+    The command declares ``quant: dict`` and receives the fields' values there, so
+    the flags cannot drift from the options the API and the run name use.
+    """
+    from neuqi.pipeline.config import QuantConfig
+
+    hints = typing.get_type_hints(command, include_extras=True)
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name])
+           for p in inspect.signature(command).parameters.values() if p.name != "quant"]
+    qhints = typing.get_type_hints(QuantConfig)
+    added = [
+        inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+            annotation=Annotated[qhints[f.name], typer.Option(
+                *f.metadata["flags"], help=f.metadata["help"], rich_help_panel="Quantization")])
+        for f in fields(QuantConfig)
+    ]
+    names = [f.name for f in fields(QuantConfig)]
+
+    def wrapper(**kwargs):
+        quant = {n: kwargs.pop(n) for n in names}
+        return command(quant=quant, **kwargs)
+
+    wrapper.__name__, wrapper.__doc__ = command.__name__, command.__doc__
+    params = own[:1] + added + own[1:]  # MODEL, then the quantization options, then the run's
+    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
 @app.command()
+@with_quant_options
 def quantize(
     model: Annotated[str, typer.Argument(help="local HF model folder or .gguf file")],
-    bits: Annotated[int, typer.Option(help="2, 3, 4 or 8")] = 3,
-    group_size: Annotated[int, typer.Option(help="-1 = channel-wise")] = 128,
-    method: Annotated[str, typer.Option(help="rtn | gptq | ldlq")] = "ldlq",
-    init: Annotated[str, typer.Option(help="minmax | mse | neuqi | neuqi_int")] = "neuqi",
-    magr: Annotated[bool, typer.Option(help="MagR preprocessing")] = False,
-    alpha: Annotated[float | None, typer.Option(help="MagR alpha")] = None,
-    max_clip: Annotated[float | None, typer.Option(
-        help="NeUQI: steps any weight may lie beyond the grid's ends (default: no bound)")] = None,
-    act_order: Annotated[bool, typer.Option(help="H reorder")] = True,
-    damp: float = 0.01,
-    calib: Annotated[str, typer.Option(help="c4-sample | wiki-extra | c4 | FILE")] = "c4-sample",
-    nsamples: int = 128,
-    seqlen: int = 2048,
-    batch_size: int = 1,
+    quant: dict,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
-    seed: int = 0,
     out_dir: Path = Path("runs"),
     eval: Annotated[str, typer.Option(help="perplexity sets after quantizing, '' for none")] = "",
     eval_seqlen: int = 2048,
     eval_windows: Annotated[int | None, typer.Option(help="cap on windows per set")] = None,
     low_memory: Annotated[bool, typer.Option(help="read one layer at a time from the shards")] = False,
-    gguf: Annotated[str | None, typer.Option(
-        help="quantize for a llama.cpp block type (Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0): it sets the "
-             "bits and blocks, and the params are the ones the type stores")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Quantize MODEL layer by layer and save a packed checkpoint under OUT_DIR/RUN_NAME."""
@@ -72,13 +91,9 @@ def quantize(
 
     _setup_logging(quiet)
     try:
-        cfg = RunConfig(model=model, bits=bits, group_size=group_size, method=method, init=init,
-                        magr=magr, magr_alpha=alpha, max_clip=max_clip, act_order=act_order,
-                        damp=damp, calib=calib,
-                        nsamples=nsamples, seqlen=seqlen, batch_size=batch_size, dtype=dtype,
-                        device=device, seed=seed, out_dir=str(out_dir), eval_sets=_split(eval),
-                        eval_seqlen=eval_seqlen, eval_windows=eval_windows, low_memory=low_memory,
-                        gguf=gguf)
+        cfg = RunConfig(model=model, **quant, dtype=dtype, device=device, out_dir=str(out_dir),
+                        eval_sets=_split(eval), eval_seqlen=eval_seqlen, eval_windows=eval_windows,
+                        low_memory=low_memory)
         run_dir = quantize_model(cfg, quiet=quiet)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         _fail(exc)

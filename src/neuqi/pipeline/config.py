@@ -1,43 +1,55 @@
-"""The run configuration: it serialises to JSON and *is* the run's identity (its name)."""
+"""Quantization options and the run configuration.
+
+``QuantConfig`` is the one place every quantization option is declared: its
+fields (with their help texts) become the ``neuqi quantize`` flags, the keyword
+arguments of ``neuqi.quantize``, the run name and the ``config`` of
+``result.json``. ``RunConfig`` adds what a command-line run also needs (which
+model, where to write, what to evaluate).
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from neuqi.quant import ALGORITHMS, INIT_METHODS, QuantSpec
-from neuqi.quant.gguf_types import GGUF_INITS, GGUFType, gguf_type
+from neuqi.quant.gguf_types import GGUF_INITS, GGUF_TYPES, GGUFType, gguf_type
+
+
+def option(default, help: str, *flags: str):
+    """A dataclass field that also describes its command-line flag."""
+    meta = {"help": help, "flags": flags}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
-class RunConfig:
-    model: str
-    bits: int = 3
-    group_size: int = 128
-    method: str = "ldlq"  # rtn | gptq | ldlq
-    init: str = "neuqi"  # minmax | mse | neuqi | neuqi_int
-    magr: bool = False
-    magr_alpha: float | None = None
-    max_clip: float | None = None  # NeUQI: steps a weight may lie beyond the grid (None: any)
-    act_order: bool = True
-    damp: float = 0.01
-    calib: str = "c4-sample"
-    nsamples: int = 128
-    seqlen: int = 2048
-    batch_size: int = 1
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    device: str = "auto"
-    seed: int = 0
-    out_dir: str = "runs"
-    model_name: str | None = None
-    eval_sets: list[str] = field(default_factory=list)
-    eval_seqlen: int = 2048
-    eval_windows: int | None = None
-    low_memory: bool = False  # read one layer at a time from safetensors shards
-    gguf: str | None = None  # a llama.cpp block type: it fixes bits, blocks and what params store
+class QuantConfig:
+    """How to quantize: grid, parameter init, solver and calibration (defaults: the paper's)."""
+
+    bits: int = option(3, "2, 3, 4 or 8")
+    group_size: int = option(128, "weights per scale/zero group along the input; -1 = channel-wise")
+    method: str = option("ldlq", "rtn | gptq | ldlq")
+    init: str = option("neuqi", "minmax | mse | neuqi (float zero) | neuqi_int (integer zero)")
+    magr: bool = option(False, "MagR preprocessing of the weights before quantizing")
+    magr_alpha: float | None = option(
+        None, "MagR's alpha (default: 1e-3 channel-wise, 1e-4 grouped)", "--alpha", "--magr-alpha")
+    max_clip: float | None = option(
+        None, "NeUQI: steps any weight may lie beyond the grid's ends (default: no bound)")
+    act_order: bool = option(True, "process columns in decreasing diag(H) order")
+    damp: float = option(0.01, "Hessian damping, as a fraction of its mean diagonal")
+    gguf: str | None = option(
+        None, f"quantize for a llama.cpp block type ({' | '.join(GGUF_TYPES)}): it sets the bits and "
+              "blocks, and the params are the ones the type stores")
+    calib: str = option("c4-sample", "calibration text: c4-sample | wiki-extra | c4 | FILE")
+    nsamples: int = option(128, "calibration windows")
+    seqlen: int = option(2048, "tokens per calibration window")
+    batch_size: int = option(1, "calibration windows per forward pass")
+    seed: int = option(0, "seed of the calibration window sampler")
 
     def __post_init__(self) -> None:
         if self.gguf is not None:
@@ -56,8 +68,16 @@ class RunConfig:
             raise ValueError(f"--max-clip needs --init neuqi and a value >= 0, got {self.max_clip!r}")
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("--nsamples, --seqlen and --batch-size must be positive")
-        if self.model_name is None:
-            self.model_name = short_model_name(self.model)
+        if not self.damp > 0:
+            raise ValueError(f"--damp must be positive, got {self.damp!r}")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(QuantConfig)]
+
+    def quant_options(self) -> QuantConfig:
+        """Only the quantization options (a ``RunConfig`` drops its run fields)."""
+        return QuantConfig(**{n: getattr(self, n) for n in QuantConfig.option_names()})
 
     @property
     def spec(self) -> QuantSpec:
@@ -73,17 +93,11 @@ class RunConfig:
             return "offset"
         return "float" if self.init == "neuqi" else "int"
 
-    @property
-    def run_name(self) -> str:
+    def name_parts(self) -> list[str]:
+        """What the run name says about these options (after the model's name)."""
         calib = Path(self.calib).stem if ("/" in self.calib or "." in self.calib) else self.calib
         group = "ch" if self.group_size == -1 else f"g{self.group_size}"
-        parts = [
-            self.model_name,
-            calib,
-            f"n{self.nsamples}",
-            f"L{self.seqlen}",
-            self.method.upper(),
-        ]
+        parts = [calib, f"n{self.nsamples}", f"L{self.seqlen}", self.method.upper()]
         parts += [self.gguf] if self.gguf is not None else [f"{self.bits}bit", group]
         if self.act_order and self.method != "rtn":
             parts.append("Hsort")
@@ -92,7 +106,31 @@ class RunConfig:
             parts.append(f"clip{self.max_clip:g}")
         if self.magr:
             parts.append("magr")
-        return ".".join(parts)
+        return parts
+
+
+@dataclass(kw_only=True)
+class RunConfig(QuantConfig):
+    """A ``neuqi quantize`` run: the options, the model, and where the run goes."""
+
+    model: str
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"
+    out_dir: str = "runs"
+    model_name: str | None = None
+    eval_sets: list[str] = field(default_factory=list)
+    eval_seqlen: int = 2048
+    eval_windows: int | None = None
+    low_memory: bool = False  # read one layer at a time from safetensors shards
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model_name is None:
+            self.model_name = short_model_name(self.model)
+
+    @property
+    def run_name(self) -> str:
+        return ".".join([self.model_name or "model", *self.name_parts()])
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)

@@ -28,8 +28,8 @@ from neuqi.io_utils import atomic_write_json
 from neuqi.memory import AnonPeak, peak_memory, reset_peak_memory
 from neuqi.models.adapters import adapter_for
 from neuqi.models.loading import load_model, load_tokenizer, resolve_model_path
-from neuqi.pipeline.config import RunConfig
-from neuqi.pipeline.sequential import QuantOptions, capture_layer0_inputs, quantize_layers
+from neuqi.pipeline.config import QuantConfig, RunConfig
+from neuqi.pipeline.sequential import capture_layer0_inputs, quantize_layers
 
 log = logging.getLogger("neuqi")
 
@@ -80,9 +80,9 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def calibration_windows(cfg: RunConfig, tokenizer) -> torch.Tensor:
-    text = load_text(cfg.calib, split="train")
-    ids = tokenize(text, tokenizer)
+def calibration_windows(cfg: QuantConfig, tokenizer, text: str | None = None) -> torch.Tensor:
+    """``[nsamples, seqlen]`` token windows sampled from ``cfg.calib`` (or from ``text``)."""
+    ids = tokenize(load_text(cfg.calib, split="train") if text is None else text, tokenizer)
     return sample_windows(ids, cfg.nsamples, cfg.seqlen, cfg.seed)
 
 
@@ -117,7 +117,17 @@ def quantize_model(cfg: RunConfig, quiet: bool = False) -> Path:
     """Run the whole job; returns the finished run directory."""
     device = cfg.torch_device()
     dtype = cfg.torch_dtype()
-    out_root = Path(cfg.out_dir)
+    with run_directory(Path(cfg.out_dir) / cfg.run_name) as work:
+        with log_to_file(work / "quantize.log"):
+            result = _quantize_into(cfg, work, device, dtype, quiet)
+        atomic_write_json(work / "result.json", result)
+    return Path(cfg.out_dir) / cfg.run_name
+
+
+@contextmanager
+def run_directory(final: Path):
+    """Yield a hidden work folder that replaces ``final`` only if the block succeeds."""
+    out_root = final.parent
     try:
         out_root.mkdir(parents=True, exist_ok=True)
         probe = out_root / ".neuqi-write-test"
@@ -125,17 +135,14 @@ def quantize_model(cfg: RunConfig, quiet: bool = False) -> Path:
         probe.unlink()
     except OSError as exc:
         raise ValueError(f"output directory {out_root} is not writable: {exc}") from None
-    final = out_root / cfg.run_name
-    work = out_root / f".{cfg.run_name}.partial"
+    work = out_root / f".{final.name}.partial"
     if work.exists():
         shutil.rmtree(work)  # left by an interrupted run
     work.mkdir(parents=True)
     try:
-        with log_to_file(work / "quantize.log"):
-            result = _quantize_into(cfg, work, device, dtype, quiet)
-        atomic_write_json(work / "result.json", result)
+        yield work
         if final.exists():
-            old = out_root / f".{cfg.run_name}.old"
+            old = out_root / f".{final.name}.old"
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
             work.rename(final)
@@ -145,7 +152,6 @@ def quantize_model(cfg: RunConfig, quiet: bool = False) -> Path:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return final
 
 
 def check_finite_model(model) -> None:
@@ -155,23 +161,25 @@ def check_finite_model(model) -> None:
 
 
 def calibrate_and_quantize(
-    cfg: RunConfig, model, tokenizer, device: torch.device, quiet: bool = True,
-    before_layer=None, after_layer=None,
+    cfg: QuantConfig, model, tokenizer, device: torch.device, quiet: bool = True,
+    before_layer=None, after_layer=None, windows: torch.Tensor | None = None,
+    home: torch.device | str = "cpu",
 ) -> tuple[dict, list[dict], dict]:
     """Quantize ``model`` in place (weights become de-quantized ones).
 
     Returns ``(records, per-linear stats, timing)``; ``records`` feed the checkpoint.
-    ``before_layer``/``after_layer`` are passed to ``quantize_layers`` (lazy loading).
+    ``windows: [n, seqlen]`` token ids replace sampling ``cfg.calib``;
+    ``before_layer``/``after_layer`` are passed to ``quantize_layers`` (lazy loading);
+    ``home`` is where the model's modules live between their turns on ``device``.
     """
     adapter = adapter_for(model.config.model_type)
     if before_layer is None:
         check_finite_model(model)
     t0 = time.perf_counter()
-    windows = calibration_windows(cfg, tokenizer)
-    batches = capture_layer0_inputs(model, adapter, windows, cfg.batch_size, device)
+    if windows is None:
+        windows = calibration_windows(cfg, tokenizer)
+    batches = capture_layer0_inputs(model, adapter, windows, cfg.batch_size, device, home)
     t_capture = time.perf_counter() - t0
-    opts = QuantOptions(cfg.spec, cfg.init, cfg.method, cfg.act_order, cfg.damp, cfg.magr,
-                        cfg.magr_alpha, cfg.max_clip, cfg.gguf_type)
     n_layers = len(model.get_submodule(adapter.layers))
     with progress_bar(quiet) as bar:
         what = cfg.gguf or f"{cfg.bits}-bit"
@@ -183,8 +191,8 @@ def calibrate_and_quantize(
                      summary["seconds"], summary["quant_loss"])
 
         t0 = time.perf_counter()
-        records, stats = quantize_layers(model, adapter, batches, opts, device, on_layer,
-                                         before_layer, after_layer)
+        records, stats = quantize_layers(model, adapter, batches, cfg, device, on_layer,
+                                         before_layer, after_layer, home)
         t_quant = time.perf_counter() - t0
     timing = {
         "capture_seconds": t_capture,

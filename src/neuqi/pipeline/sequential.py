@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from neuqi.formats.checkpoint import QuantizedLinear
 from neuqi.memory import release_freed_memory
 from neuqi.models.adapters import Adapter, decoder_layers
-from neuqi.quant import QuantSpec, dequantize, gptq_quantize
-from neuqi.quant.gguf_types import GGUFType
+from neuqi.pipeline.config import QuantConfig
+from neuqi.quant import dequantize, gptq_quantize
 
 log = logging.getLogger(__name__)
 
@@ -37,24 +37,15 @@ class Batch:
     kwargs: dict  # what the model passes every decoder layer (masks, rotary embeddings)
 
 
-@dataclass
-class QuantOptions:
-    spec: QuantSpec
-    init: str
-    method: str
-    act_order: bool
-    damp: float
-    magr: bool
-    magr_alpha: float | None
-    max_clip: float | None = None
-    gguf: GGUFType | None = None
-
-
 @torch.no_grad()
 def capture_layer0_inputs(
-    model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int, device: torch.device
+    model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int, device: torch.device,
+    home: torch.device | str = "cpu",
 ) -> list[Batch]:
-    """Run the embeddings on every calibration batch and catch layer 0's inputs."""
+    """Run the embeddings on every calibration batch and catch layer 0's inputs.
+
+    The embeddings visit ``device`` and go back to ``home``, where the model lives.
+    """
     layers = decoder_layers(model, adapter)
     moved = [model.get_submodule(adapter.embed)]
     if adapter.rotary:
@@ -79,7 +70,7 @@ def capture_layer0_inputs(
     finally:
         handle.remove()
         for m in moved:
-            m.to("cpu")
+            m.to(home)
     return caught
 
 
@@ -130,12 +121,13 @@ def layer_outputs(layer: nn.Module, batches: list[Batch]) -> list[Batch]:
     return out
 
 
-def quantize_linear(lin: nn.Linear, H: Tensor, opts: QuantOptions) -> tuple[QuantizedLinear, dict]:
+def quantize_linear(lin: nn.Linear, H: Tensor, opts: QuantConfig) -> tuple[QuantizedLinear, dict]:
     """Quantize one linear in place (its weight becomes the de-quantized one)."""
+    spec = opts.spec
     res = gptq_quantize(
         lin.weight.data.float(),
         H,
-        opts.spec,
+        spec,
         init=opts.init,  # type: ignore[arg-type]
         algorithm=opts.method,  # type: ignore[arg-type]
         act_order=opts.act_order,
@@ -144,12 +136,12 @@ def quantize_linear(lin: nn.Linear, H: Tensor, opts: QuantOptions) -> tuple[Quan
         magr_alpha=opts.magr_alpha,
         max_clip=opts.max_clip,
         param_dtype=torch.float16,
-        gguf=opts.gguf,
+        gguf=opts.gguf_type,
     )
-    w_hat = dequantize(res.codes, res.params, opts.spec)
+    w_hat = dequantize(res.codes, res.params, spec)
     lin.weight.data.copy_(w_hat.to(lin.weight.dtype))
     bias = lin.bias.detach().cpu().clone() if lin.bias is not None else None
-    record = QuantizedLinear.from_codes(res.codes, res.params.to("cpu"), opts.spec.bits, bias)
+    record = QuantizedLinear.from_codes(res.codes, res.params.to("cpu"), spec.bits, bias)
     return record, res.stats
 
 
@@ -158,14 +150,16 @@ def quantize_layers(
     model: nn.Module,
     adapter: Adapter,
     batches: list[Batch],
-    opts: QuantOptions,
+    opts: QuantConfig,
     device: torch.device,
     on_layer: Callable[[int, int, dict], None] | None = None,
     before_layer: Callable[[int, nn.Module], None] | None = None,
     after_layer: Callable[[int, nn.Module], None] | None = None,
+    home: torch.device | str = "cpu",
 ) -> tuple[dict[str, QuantizedLinear], list[dict]]:
     """Quantize every decoder layer in order; returns the records and per-linear stats.
 
+    Each layer visits ``device`` and goes back to ``home``, where the model lives.
     ``before_layer`` / ``after_layer`` let a caller read a layer from disk just in
     time and release it afterwards (see ``neuqi.models.lazy``).
     """
@@ -188,7 +182,7 @@ def quantize_layers(
                 stats.append(st)
             del H
         batches = layer_outputs(layer, batches)
-        layer.to("cpu")
+        layer.to(home)
         if after_layer is not None:
             after_layer(i, layer)
         if device.type == "cuda":
