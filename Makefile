@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test demo data lint clean bench-peers bench-gguf llama-cpp
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 		echo "no NVIDIA GPU: installing the CPU wheel of torch 2.13.0"; \
 		$(PIP) install -q "torch==2.13.0"; \
 	fi
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from neuqi.extras import require
 from neuqi.io_utils import atomic_path, atomic_write_text
 
 
@@ -100,16 +101,21 @@ def markdown(sets: list[str], table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pyplot():
+    matplotlib = require("matplotlib", "report", "plotting")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
 def plot_vs_bits(table: list[dict], value, ylabel: str, title: str, path: Path, log: bool) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     series: dict[str, list[tuple[int, float]]] = {}
     for r in table:
@@ -140,10 +146,7 @@ def plot_vs_bits(table: list[dict], value, ylabel: str, title: str, path: Path, 
 
 
 def plot_layer_loss(row: dict, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     layers = [x for x in row["layers"] if "quant_loss" in x]
     if not layers:
@@ -167,10 +170,7 @@ def plot_layer_loss(row: dict, path: Path) -> bool:
 
 def plot_loss_curve(curve: list[dict], path: Path, title: str) -> bool:
     """Distillation loss per optimizer step (log scale) with a moving average."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     if not curve:
         return False

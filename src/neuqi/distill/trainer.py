@@ -195,7 +195,10 @@ def distill_run(cfg: DistillConfig, quiet: bool = False, resume: bool = False) -
                          {"config": result["config"]}, state=state)
         result["checkpoint_bytes"] = sum(f.stat().st_size for f in work.glob("*.safetensors"))
         atomic_write_json(work / "result.json", result)
-        plot_loss_curve(curve, work / "loss_curve.png", final.name)
+        try:
+            plot_loss_curve(curve, work / "loss_curve.png", final.name)
+        except RuntimeError as exc:  # matplotlib not installed: the run is complete without it
+            log.warning("no loss_curve.png: %s", exc)
     state_path.unlink(missing_ok=True)
     return final
 

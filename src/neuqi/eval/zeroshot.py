@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from neuqi.data.tasks import OFFLINE_TASKS, build_tasks
+from neuqi.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def lm_eval_model(model, tokenizer, batch_size: str | int, device: torch.device,
         if model_path is None:
             raise ValueError("--backend vllm loads from a folder vLLM reads (an FP model or an export)")
         return VLLM(pretrained=model_path, batch_size=batch_size)
-    from lm_eval.models.huggingface import HFLM
+    HFLM = require("lm_eval.models.huggingface", "eval", "zero-shot evaluation").HFLM
 
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
 
@@ -56,7 +57,7 @@ def run_tasks(
     seed: int = 1234,
 ) -> dict:
     """``{"tasks": {name: metrics | {"error": …}}, "mean_acc": …, "mean_acc_norm": …}``."""
-    import lm_eval
+    lm_eval = require("lm_eval", "eval", "zero-shot evaluation")
     from lm_eval.tasks import TaskManager
 
     include = build_tasks(cache) if any(t in OFFLINE_TASKS for t in tasks) else None
