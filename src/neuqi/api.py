@@ -23,7 +23,13 @@ from neuqi.formats.qlinear import QuantLinear
 from neuqi.io_utils import atomic_write_json
 from neuqi.memory import AnonPeak, peak_memory, reset_peak_memory
 from neuqi.pipeline.config import QuantConfig, resolve_device, short_model_name
-from neuqi.pipeline.run import calibrate_and_quantize, calibration_windows, environment, run_directory
+from neuqi.pipeline.run import (
+    calibrate_and_quantize,
+    calibration_windows,
+    environment,
+    run_directory,
+    run_result,
+)
 
 log = logging.getLogger("neuqi")
 
@@ -33,7 +39,7 @@ Calibration = str | Path | Sequence[str] | Tensor
 def quantize(
     model: nn.Module,
     tokenizer=None,
-    calib: Calibration = "c4-sample",
+    calib: Calibration | None = None,
     *,
     save: str | Path | None = None,
     device: str | torch.device | None = None,
@@ -44,8 +50,9 @@ def quantize(
     """Quantize ``model`` in place and return it, its linears now ``QuantLinear``.
 
     ``calib`` is a corpus name or text file (sampled as ``nsamples × seqlen``
-    windows with ``seed``), a list of texts (joined, then sampled the same way),
-    or token ids ``[n, seqlen]`` used as given. ``options`` are ``QuantConfig``'s
+    windows with ``seed``; default: the options' ``calib``, c4-sample), a list of
+    texts (joined, then sampled the same way), or token ids ``[n, seqlen]`` used
+    as given. ``options`` are ``QuantConfig``'s
     fields (``bits=3, group_size=64, init="neuqi_int", gguf="Q4_0", ...``), or pass
     ``config``. The model stays on its device; each decoder layer visits ``device``
     (default: CUDA when there is one) for its turn. ``save`` also writes a run
@@ -69,7 +76,7 @@ def quantize(
     return model
 
 
-def _options(config: QuantConfig | None, options: dict, calib: Calibration) -> QuantConfig:
+def _options(config: QuantConfig | None, options: dict, calib: Calibration | None) -> QuantConfig:
     if config is not None and options:
         raise ValueError("pass either config=QuantConfig(...) or keyword options, not both")
     if config is None:
@@ -77,19 +84,17 @@ def _options(config: QuantConfig | None, options: dict, calib: Calibration) -> Q
         if unknown:
             raise ValueError(f"unknown option(s) {', '.join(unknown)}; "
                              f"QuantConfig takes {', '.join(QuantConfig.option_names())}")
-        if isinstance(calib, (str, Path)):
-            options = {**options, "calib": str(calib)}
         config = QuantConfig(**options)
     else:
         config = config.quant_options()
-    if isinstance(calib, Tensor):
-        return replace(config, calib="tokens")
-    if not isinstance(calib, (str, Path)):
-        return replace(config, calib="texts")
-    return config
+    if calib is None:
+        return config
+    if isinstance(calib, (str, Path)):
+        return replace(config, calib=str(calib))
+    return replace(config, calib="tokens" if isinstance(calib, Tensor) else "texts")
 
 
-def _calibration(quant: QuantConfig, calib: Calibration, tokenizer) -> Tensor | None:
+def _calibration(quant: QuantConfig, calib: Calibration | None, tokenizer) -> Tensor | None:
     """Token windows ``[n, seqlen]`` for in-memory calibration; ``None`` for a named corpus."""
     if isinstance(calib, Tensor):
         if calib.dim() != 2 or calib.dtype not in (torch.int32, torch.int64) or min(calib.shape) < 1:
@@ -98,7 +103,7 @@ def _calibration(quant: QuantConfig, calib: Calibration, tokenizer) -> Tensor | 
         return calib.long().cpu()
     if tokenizer is None:
         raise ValueError("calibration text needs the model's tokenizer: quantize(model, tokenizer, ...)")
-    if isinstance(calib, (str, Path)):
+    if calib is None or isinstance(calib, (str, Path)):
         return None
     texts = list(calib)
     if not texts or not all(isinstance(t, str) for t in texts):
@@ -147,15 +152,6 @@ def _save_run(folder: Path, model, tokenizer, records, quant: QuantConfig, stats
     with run_directory(folder) as work:
         write_checkpoint(model, records, quant.spec, quant.zero_point, quant.act_order, work, tokenizer,
                          run_info, gguf_type=quant.gguf)
-        result = {
-            **run_info,
-            "run_name": folder.name,
-            "timing": timing,
-            "totals": {"quant_loss": sum(s["quant_loss"] for s in stats),
-                       "diag_loss": sum(s["diag_loss"] for s in stats), "linears": len(stats)},
-            "layers": stats,
-            "checkpoint_bytes": sum(f.stat().st_size for f in work.glob("*.safetensors")),
-            "memory": {**peak_memory(device), "peak_anon_mb": anon_mb},
-            "eval": {},
-        }
+        result = run_result(run_info, folder.name, stats, timing, work,
+                            {**peak_memory(device), "peak_anon_mb": anon_mb})
         atomic_write_json(work / "result.json", result)

@@ -227,9 +227,23 @@ def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool) -> di
         from neuqi.formats.checkpoint import load_quantized
 
         model = load_quantized(work, dtype=dtype)  # compact: codes stay packed
-    result = {
+    result = run_result(run_info, cfg.run_name, stats, timing, work,
+                        {**peak_memory(device), "peak_anon_mb": anon.peak_mb})
+    if cfg.eval_sets:
+        result["eval"]["ppl"] = evaluate_sets(model, tokenizer, cfg.eval_sets, cfg.eval_seqlen,
+                                              device, cfg.eval_windows, quiet)
+        model.to("cpu")
+    result["timing"]["total_seconds"] = time.perf_counter() - t_start
+    log.info("quantized %d linears in %.1fs", len(stats), timing["quantize_seconds"])
+    return result
+
+
+def run_result(run_info: dict, run_name: str, stats: list[dict], timing: dict, work: Path,
+               memory: dict) -> dict:
+    """``result.json`` of a finished quantization (``eval`` filled in later)."""
+    return {
         **run_info,
-        "run_name": cfg.run_name,
+        "run_name": run_name,
         "timing": timing,
         "totals": {
             "quant_loss": sum(s["quant_loss"] for s in stats),
@@ -238,16 +252,9 @@ def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool) -> di
         },
         "layers": stats,
         "checkpoint_bytes": sum(f.stat().st_size for f in work.glob("*.safetensors")),
+        "memory": memory,
         "eval": {},
     }
-    result["memory"] = {**peak_memory(device), "peak_anon_mb": anon.peak_mb}
-    if cfg.eval_sets:
-        result["eval"]["ppl"] = evaluate_sets(model, tokenizer, cfg.eval_sets, cfg.eval_seqlen,
-                                              device, cfg.eval_windows, quiet)
-        model.to("cpu")
-    result["timing"]["total_seconds"] = time.perf_counter() - t_start
-    log.info("quantized %d linears in %.1fs", len(stats), timing["quantize_seconds"])
-    return result
 
 
 def _lazy_model(cfg: RunConfig, dtype: torch.dtype):
