@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from neuqi.formats.checkpoint import QuantizedLinear, packed_tensors, quantization_config, write_checkpoint
-from neuqi.formats.qlinear import QuantLinear
+from neuqi.formats.qlinear import replace_linears
 from neuqi.io_utils import atomic_write_json
 from neuqi.memory import AnonPeak, peak_memory, reset_peak_memory
 from neuqi.pipeline.config import QuantConfig, resolve_device, short_model_name
@@ -131,16 +131,11 @@ def _work_device(device: str | torch.device | None, home: torch.device) -> torch
 def _swap_in_quantlinears(model: nn.Module, records: dict[str, QuantizedLinear], quant: QuantConfig) -> None:
     """Replace each quantized ``nn.Linear`` by a ``QuantLinear`` holding its packed codes."""
     qc = quantization_config(quant.spec, quant.zero_point, quant.act_order, list(records), quant.gguf)
+    dtype = model.get_submodule(next(iter(records))).weight.dtype
+    replace_linears(model, list(records), qc, dtype)
     for name, rec in records.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        lin = getattr(parent, child)
-        ql = QuantLinear(lin.in_features, lin.out_features, quant.bits, quant.group_size,
-                         quant.zero_point, bias=lin.bias is not None, dtype=lin.weight.dtype,
-                         device=lin.weight.device)
         tensors = packed_tensors(name, rec, quant.spec, quant.zero_point)
-        ql.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items()})
-        setattr(parent, child, ql)
+        model.get_submodule(name).load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items()})
     model.quantization_config = qc
 
 
