@@ -96,3 +96,41 @@ def test_magr_then_ldlq_runs_and_shrinks_the_range():
     res = gptq_quantize(w, H, QuantSpec(2, -1), init="minmax", magr=True, magr_alpha=1e-2)
     plain = gptq_quantize(w, H, QuantSpec(2, -1), init="minmax")
     assert res.params.scale.mean() < plain.params.scale.mean()
+
+
+def test_dead_inputs_carry_no_weight_in_the_init():
+    """Half the inputs of every group are always zero; the live ones have small
+    activations.  The dead inputs must not steer the grid: with their damping floor
+    as importance (the old weighting) the off-centre live weights pay for a grid
+    stretched through the dead zeroed weights."""
+    from neuqi.quant import init_params
+    from neuqi.quant.gptq import damped_diagonal
+
+    torch.manual_seed(0)
+    n, spec = 64, QuantSpec(3, 64)
+    X = torch.randn(2048, n) * 0.03
+    X[:, ::2] = 0
+    H = X.T @ X / X.shape[0]
+    dead = torch.diagonal(H) <= 0
+    W = 0.5 + 0.1 * torch.randn(16, n)
+    h = damped_diagonal(H, 0.01)
+
+    def live_error(w_hat):
+        return (h[~dead] * (W[:, ~dead] - w_hat[:, ~dead]) ** 2).sum()
+
+    res = gptq_quantize(W, H, spec, algorithm="rtn", init="neuqi")
+    ours = live_error(dequantize(res.codes, res.params, spec))
+    alone = init_params(W[:, ~dead], QuantSpec(3, 32), "neuqi", h[~dead])
+    best = (h[~dead] * (W[:, ~dead] - fake_quantize_cols(W[:, ~dead], alone, QuantSpec(3, 32))) ** 2).sum()
+    W0 = W.clone()
+    W0[:, dead] = 0
+    old = init_params(W0, spec, "neuqi", h)  # dead inputs weighted by their damping floor
+    old_err = live_error(fake_quantize_cols(W0, old, spec))
+    assert ours <= best * 1.01
+    assert old_err > ours * 1.5
+
+
+def fake_quantize_cols(w, params, spec):
+    from neuqi.quant import fake_quantize
+
+    return fake_quantize(w, params, spec)

@@ -157,9 +157,9 @@ def test_compiled_sweep_matches_eager(monkeypatch):
     pytest.importorskip("torch._inductor")
     u = torch.randn(300, 16) * 4
     h = torch.rand(300, 16)
-    ref = init_mod._best_zero_chunk(u, h, 7)
-    compiled = torch.compile(init_mod._best_zero_chunk, dynamic=True)
-    got = compiled(u, h, 7)
+    got = best_zero(u, h, 7)
+    monkeypatch.setenv("NEUQI_COMPILE", "0")
+    ref = best_zero(u, h, 7)
     assert torch.allclose(ref[1], got[1], rtol=1e-6)
 
 
@@ -204,3 +204,30 @@ def test_chunked_sweeps_trim_the_heap_on_cpu_and_keep_their_results(monkeypatch)
     assert len(calls) == 300 // init_mod._TRIM_EVERY
     torch.testing.assert_close(z, expected[0])
     torch.testing.assert_close(loss, expected[1])
+
+
+def test_float_zero_stays_where_float16_holds_it():
+    """Near-constant rows far from 0 want a zero-point of thousands of steps, which
+    float16 (the stored type) rounds by whole steps or overflows; the search keeps
+    it within FLOAT_ZERO_LIMIT, and the stored parameters stay usable."""
+    from neuqi.quant.gptq import round_params
+
+    torch.manual_seed(0)
+    spec = QuantSpec(3, 64)
+    w = 5.0 + torch.randn(4, 64) * 1e-3
+    h = torch.rand(64) + 0.1
+    wg, hg, _ = init_mod.to_groups(w, spec, h)
+    _, free = init_mod._init_neuqi(wg, hg, spec.maxq)
+    assert free.abs().min() > 2048  # the premise: unbounded, the zero is out of float16's reach
+    p = init_params(w, spec, "neuqi", h)
+    assert (p.zero >= -init_mod.FLOAT_ZERO_LIMIT).all()
+    assert (p.zero <= spec.maxq + init_mod.FLOAT_ZERO_LIMIT).all()
+    stored = round_params(p, torch.float16)
+    err = group_weighted_error(w, fake_quantize(w, p, spec), spec, h)
+    err16 = group_weighted_error(w, fake_quantize(w, stored, spec), spec, h)
+    assert torch.isfinite(err16).all()
+    assert (err16 <= err * 1.5 + 1e-12).all()
+    # Ordinary rows are not affected.
+    w2 = torch.randn(4, 64) * 0.02
+    assert torch.equal(init_params(w2, spec, "neuqi", h).zero.abs() <= init_mod.FLOAT_ZERO_LIMIT,
+                       torch.ones(4, 1, dtype=torch.bool))

@@ -122,7 +122,9 @@ def _asymmetric(wg: Tensor, hg: Tensor, t: GGUFType, init: str) -> tuple[Tensor,
         return d, _fp16(lo)
     # Scales up to 1.5x min-max: on heavy-tailed 32-weight blocks the best grid is
     # sometimes wider than the block's range (measured on Q5_1: 1.25x missed 17 %).
-    s, _ = _init_neuqi(wg, hg, maxq, max_ratio=1.5)
+    # The exact-scale refinement: on 32-weight blocks it lands a little nearer the
+    # dense optimum than the least-squares one (Q5_1 mean ratio 1.0028 vs 1.0031).
+    s, _ = _init_neuqi(wg, hg, maxq, max_ratio=1.5, refine="sweep", rounds=2)
     best_d = best_m = best_l = None
     # The step as stored (and its fp16 neighbours), each with its exact best offset
     # rounded to fp16: the stored parameters are chosen, not just rounded.

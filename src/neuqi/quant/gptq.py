@@ -201,7 +201,11 @@ def gptq_quantize(
         alpha = magr_alpha if magr_alpha is not None else (1e-3 if spec.group_size == -1 else 1e-4)
         W = magr_preprocess(W, H, spec.group_size, alpha=alpha, iters=magr_iters)
     t_magr = time.perf_counter()
-    h_diag = damped_diagonal(H, damp)
+    # The init weighs each input by its damped importance, but an input that is
+    # always zero carries none: its damping floor (1 + damp·mean) would outweigh
+    # live inputs of small activations and pull the group's grid through its zeroed
+    # weights.  The solver keeps the damped H.
+    h_diag = torch.where(dead, 0.0, damped_diagonal(H, damp))
     if clip is None:
         clip = magr_clip(spec) if (magr and init == "minmax") else 1.0
     if gguf is not None:

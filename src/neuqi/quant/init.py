@@ -246,6 +246,115 @@ def _zero_sweep(
     return z_best.squeeze(1).to(u.dtype), exact.to(u.dtype)
 
 
+# ------------------------------------------------------------- cheap direct evaluations
+# Zero-points tried per candidate scale by the upper-bound pass (evenly over the
+# placements of the grid on the group's range, then two Lloyd steps).
+UB_ZEROS = 12
+UB_LLOYD = 2
+
+
+def _upper_bound_chunk(
+    wg: Tensor, hg: Tensor, s: Tensor, z_lo: Tensor, z_hi: Tensor, maxq: int, n_zeros: int, lloyd: int
+) -> tuple[Tensor, Tensor]:
+    """A good (not always best) zero for every candidate scale, by direct evaluation.
+
+    ``s, z_lo, z_hi: [G, K]``.  ``n_zeros`` evenly spaced zeros in ``[z_lo, z_hi]``,
+    then ``lloyd`` steps ``z ← Σh(q − u)/Σh`` from the best (each the exact optimum
+    for the current codes, so never worse).  Costs ``n_zeros + 2·lloyd`` passes over
+    the group; the exact sweep (:func:`best_zero`) costs ~300.  Returns ``(z, loss)``.
+    """
+    u = wg[:, None, :] / s[:, :, None]
+    h = hg[:, None, :]
+    best_l = torch.full_like(s, torch.inf)
+    best_z = z_lo
+    for i in range(n_zeros):
+        z = z_lo + (z_hi - z_lo) * (i / max(n_zeros - 1, 1))
+        e = u + z[:, :, None] - torch.clamp(torch.round(u + z[:, :, None]), 0, maxq)
+        loss = (h * e * e).sum(-1)
+        better = loss < best_l
+        best_l, best_z = torch.where(better, loss, best_l), torch.where(better, z, best_z)
+    h_sum = h.sum(-1)
+    for _ in range(lloyd):
+        q = torch.clamp(torch.round(u + best_z[:, :, None]), 0, maxq)
+        z = torch.minimum(torch.maximum((h * (q - u)).sum(-1) / h_sum, z_lo), z_hi)
+        e = u + z[:, :, None] - torch.clamp(torch.round(u + z[:, :, None]), 0, maxq)
+        loss = (h * e * e).sum(-1)
+        better = loss < best_l
+        best_l, best_z = torch.where(better, loss, best_l), torch.where(better, z, best_z)
+    return best_z, best_l * s * s
+
+
+def _lloyd_scale_chunk(wg: Tensor, hg: Tensor, s: Tensor, z: Tensor, maxq: int) -> Tensor:
+    """The least-squares scale of the grid ``ŵ = s·q + b`` for the codes at ``(s, z)``.
+
+    ``s, z: [G]``.  With the codes fixed, ``(s, b)`` is a weighted linear regression
+    of ``w`` on ``q``; returns its slope, or ``s`` where every code is equal.  The
+    caller pairs it with the exact best zero for that scale, so the step costs one
+    sweep and can only lower the loss.
+    """
+    q = torch.clamp(torch.round(wg / s[:, None] + z[:, None]), 0, maxq)
+    n = hg.sum(1)
+    mq, mw = (hg * q).sum(1) / n, (hg * wg).sum(1) / n
+    dq = q - mq[:, None]
+    var = (hg * dq * dq).sum(1)
+    slope = (hg * dq * (wg - mw[:, None])).sum(1) / var.clamp_min(1e-30)
+    return torch.where((var > 1e-12 * n) & (slope > 0) & torch.isfinite(slope), slope, s)
+
+
+def _chunk_rows(G: int, per_row: int, device: torch.device) -> int:
+    return max(1, _CHUNK_ELEMENTS.get(device.type, 1 << 20) // max(per_row, 1))
+
+
+def upper_bounds(
+    wg: Tensor, hg: Tensor, s0: Tensor, ratios: Tensor, maxq: int, max_clip: float | None = None,
+    n_zeros: int = UB_ZEROS, lloyd: int = UB_LLOYD, zero_limit: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The best ``(scale, zero, loss)`` per group over the scales ``s₀ · ratios``
+    (``ratios: [K]``), each with the zero of :func:`_upper_bound_chunk`.
+
+    The zeros tried place the grid anywhere between its low end on the group's
+    minimum and its high end on the maximum, widened by half a step each way (at
+    ``s ≈ s₀`` those two placements coincide, yet the best zero is free within a
+    step).  Under ``max_clip`` (and ``zero_limit``) they stay inside the allowed interval.  The result is
+    a feasible loss, so it can serve as the exact search's first incumbent.
+    """
+    G, n = wg.shape
+    chunk = _chunk_rows(G, n * ratios.numel(), wg.device)
+    w_min, w_max = wg.amin(1, keepdim=True), wg.amax(1, keepdim=True)
+    out_s, out_z, out_l = [], [], []
+    for i, start in enumerate(range(0, G, chunk)):
+        part = slice(start, start + chunk)
+        s = s0[part, None] * ratios[None, :]
+        lo, hi = -w_min[part] / s, maxq - w_max[part] / s
+        if max_clip is None:
+            z_lo, z_hi = torch.minimum(lo, hi) - 0.5, torch.maximum(lo, hi) + 0.5
+        else:
+            z_lo = lo - max_clip
+            z_hi = torch.maximum(hi + max_clip, z_lo)
+        if zero_limit is not None:
+            z_lo = z_lo.clamp(-zero_limit, maxq + zero_limit)
+            z_hi = torch.maximum(z_hi.clamp(-zero_limit, maxq + zero_limit), z_lo)
+        z, loss = _run_sweep(_upper_bound_chunk, wg[part], hg[part], s, z_lo, z_hi, maxq,
+                             n_zeros, lloyd)
+        best = loss.argmin(1, keepdim=True)
+        out_s.append(s.gather(1, best).squeeze(1))
+        out_z.append(z.gather(1, best).squeeze(1))
+        out_l.append(loss.gather(1, best).squeeze(1))
+        _trim(i, wg.device)
+    return torch.cat(out_s), torch.cat(out_z), torch.cat(out_l)
+
+
+def lloyd_scale(wg: Tensor, hg: Tensor, s: Tensor, z: Tensor, maxq: int) -> Tensor:
+    """:func:`_lloyd_scale_chunk` over chunks of groups; ``s, z: [G]``."""
+    G, n = wg.shape
+    chunk = _chunk_rows(G, n, wg.device)
+    return torch.cat([
+        _run_sweep(_lloyd_scale_chunk, wg[i : i + chunk], hg[i : i + chunk], s[i : i + chunk],
+                   z[i : i + chunk], maxq)
+        for i in range(0, G, chunk)
+    ])
+
+
 # ----------------------------------------------------------------------- init methods
 def _init_minmax(wg: Tensor, maxq: int, clip: float) -> tuple[Tensor, Tensor]:
     """Min-max over the group's own range (shrunk by ``clip`` about its midpoint).
@@ -313,8 +422,6 @@ def _pair_bound(spans: Tensor, hp: Tensor, s: Tensor, maxq: int) -> Tensor:
 # Bins of the fractional parts in :func:`_rounding_bound`: finer is tighter (each
 # element's distance is under-estimated by up to two bins) but costs B² per group.
 _ROUND_BINS = 64
-# Below this group length the pair bound alone prunes well enough.
-_ROUND_BOUND_MIN_LEN = 256
 
 
 @functools.lru_cache(maxsize=8)
@@ -375,24 +482,32 @@ def _init_neuqi(
     coarse: int = NEUQI_COARSE,
     fine: int = NEUQI_FINE,
     max_ratio: float = NEUQI_MAX_RATIO,
-    refine: str = "exact",
-    rounds: int = 2,
+    refine: str = "lloyd",
+    rounds: int | None = None,
     max_clip: float | None = None,
+    upper_bound: bool = True,
+    zero_limit: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Coarse scale grid (multiples of s₀) with the exact best float zero per scale,
     then refinement around the best.
 
     Coarse candidates are ``s₀·i/coarse`` up to ``max_ratio·s₀``.  A group skips a
     candidate only when a lower bound of its loss there already exceeds its best,
-    so the result equals trying every candidate; a sparse pass over the grid comes
-    first, so good losses are found early and the bound prunes most of the rest.
+    so the result is as good as trying every candidate.  What makes the skipping
+    pay is a good best from the start: ``upper_bound`` first evaluates every
+    candidate directly with a few zeros each (:func:`upper_bounds`, ~1/20 of one
+    exact sweep per candidate), and a sparse pass over the grid comes before the
+    rest.  On groups of 64 the pair bound alone skips about half of the candidates;
+    the binned rounding bound, used on every group length, skips ~85%.
 
-    ``refine="grid"`` is the reference's fine stage (``±(fine/coarse)/2`` steps of
-    ``s₀/fine``).  ``refine="exact"`` (default) alternates, ``rounds`` times, the
-    exact best scale for the current zero (:func:`_scale_sweep_chunk`) and the exact
-    best zero for that scale: continuous instead of a grid, never worse than the
-    coarse optimum, and measured both lower-loss and ~1.6x faster on a
-    1536×576 heavy-tailed layer at 3-bit g64.
+    Refinement (``rounds`` steps, each never worse):
+
+    - ``"lloyd"`` (default): the least-squares scale for the current codes
+      (:func:`lloyd_scale`) with the exact best zero for it: one sweep per step.
+    - ``"sweep"``: the exact best scale for the current zero (:func:`_scale_sweep_chunk`)
+      with the exact best zero for it; measured no better than ``"lloyd"`` and
+      3-10x its cost (bench/neuqi_search_speed.py).
+    - ``"grid"``: the reference's fine stage (``±(fine/coarse)/2`` steps of ``s₀/fine``).
 
     ``max_clip`` (steps) keeps every weight within that many steps beyond the grid's
     ends: the zero is confined to ``[−c − min/s, maxq + c − max/s]`` and scales
@@ -400,23 +515,38 @@ def _init_neuqi(
     weighted objective happily clips a row's rare large weights to sharpen the grid
     for the rest; on Qwen2.5-Coder-0.5B those weights cost more perplexity than the
     objective credits (bench/clip_restore.py).  The bounds stay valid: a constraint
-    only raises the loss.
+    only raises the loss.  ``zero_limit`` confines the zero to
+    ``[−zero_limit, maxq + zero_limit]`` (see ``FLOAT_ZERO_LIMIT``).
     """
+    if refine not in ("lloyd", "sweep", "grid"):
+        raise ValueError(f"refine must be 'lloyd', 'sweep' or 'grid', got {refine!r}")
     s0 = minmax_scale(wg, maxq)
     spans, hp, ws, hs = _pair_bound_terms(wg, hg)
-    rounding_bound = wg.shape[1] >= _ROUND_BOUND_MIN_LEN
     w_min, w_max = ws[:, 0], ws[:, -1]
 
     def zero_range(idx: Tensor | None, s: Tensor) -> tuple[Tensor, Tensor] | None:
-        if max_clip is None:
+        if max_clip is None and zero_limit is None:
             return None
-        lo, hi = (w_min, w_max) if idx is None else (w_min[idx], w_max[idx])
-        z_lo = -max_clip - lo / s
-        return z_lo, torch.maximum(maxq + max_clip - hi / s, z_lo)  # float guard at s_min
+        if max_clip is None:
+            z_lo, z_hi = torch.full_like(s, -torch.inf), torch.full_like(s, torch.inf)
+        else:
+            lo, hi = (w_min, w_max) if idx is None else (w_min[idx], w_max[idx])
+            z_lo = -max_clip - lo / s
+            z_hi = torch.maximum(maxq + max_clip - hi / s, z_lo)  # float guard at s_min
+        if zero_limit is not None:
+            z_lo = z_lo.clamp(-zero_limit, maxq + zero_limit)
+            z_hi = torch.maximum(z_hi.clamp(-zero_limit, maxq + zero_limit), z_lo)
+        return z_lo, z_hi
 
     best_s = s0.clone()
-    best_z, best_l = best_zero(wg / s0[:, None], hg, maxq, zero_range(None, s0))
-    best_l = best_l * s0 * s0
+    if upper_bound:  # min-max's own point: the result is never worse than min-max
+        best_z = _init_minmax(wg, maxq, 1.0)[1]
+        if max_clip is not None or zero_limit is not None:
+            best_z = torch.clamp(best_z, *zero_range(None, s0))
+        best_l = group_loss(wg, hg, s0, best_z, maxq)
+    else:
+        best_z, best_l = best_zero(wg / s0[:, None], hg, maxq, zero_range(None, s0))
+        best_l = best_l * s0 * s0
     # The least scale whose zero interval is not empty, as a fraction of s₀.
     min_ratio = 0.0 if max_clip is None else maxq / (maxq + 2 * max_clip)
 
@@ -427,36 +557,47 @@ def _init_neuqi(
         need_hi = torch.where(w_max > 0, w_max / (maxq + c - z).clamp_min(1e-12), 0.0)
         return torch.maximum(torch.maximum(need_lo, need_hi), min_ratio * s0)
 
-    def consider(s: Tensor) -> None:
-        # A small margin guards the bound against float error.
+    def accept(idx: Tensor, s: Tensor, z: Tensor, loss: Tensor) -> None:
+        better = loss < best_l[idx]
+        sel = idx[better]
+        best_s[sel] = s[better]
+        best_z[sel] = z[better]
+        best_l[sel] = loss[better]
+
+    def consider(s: Tensor, todo: Tensor | None = None) -> None:
+        # A small margin guards the bounds against float error.
         lb = _pair_bound(spans, hp, s, maxq)
-        idx = torch.nonzero(lb * (1 - 1e-6) < best_l, as_tuple=True)[0]
-        if rounding_bound and idx.numel():
+        keep = lb * (1 - 1e-6) < best_l
+        if todo is not None:
+            keep &= todo
+        idx = torch.nonzero(keep, as_tuple=True)[0]
+        if idx.numel():
             lb = _rounding_bound(ws[idx], hs[idx], spans[idx], hp[idx], s[idx], maxq)
             idx = idx[lb * (1 - 1e-5) < best_l[idx]]
         if idx.numel() == 0:
             return
         si = s[idx]
         z, loss = best_zero(wg[idx] / si[:, None], hg[idx], maxq, zero_range(idx, si))
-        loss = loss * si * si
-        better = loss < best_l[idx]
-        sel = idx[better]
-        best_s[sel] = si[better]
-        best_z[sel] = z[better]
-        best_l[sel] = loss[better]
+        accept(idx, si, z, loss * si * si)
 
     top = round(coarse * max_ratio)
     if max_clip is None:
-        for i in _coarse_order(top, skip=coarse):  # s0 itself was evaluated above
-            consider(s0 * (i / coarse))
+        # s0 itself is done unless the upper-bound pass replaced its sweep.
+        ratios = [i / coarse for i in _coarse_order(top, skip=-1 if upper_bound else coarse)]
     else:
         # The same spacing over the feasible ratios only: the bounds prune little
         # there (no scale is too small), so every candidate costs a sweep.
-        consider(s0 * min_ratio)  # the finest grid the bound allows
         n = max(4, round(coarse * (max_ratio - min_ratio)))
-        for i in _coarse_order(n, skip=-1):
-            consider(s0 * (min_ratio + (max_ratio - min_ratio) * i / n))
-        rounds = CLIP_REFINE_ROUNDS
+        ratios = [min_ratio] + [min_ratio + (max_ratio - min_ratio) * i / n
+                                for i in _coarse_order(n, skip=-1)]
+    if upper_bound:
+        r = torch.tensor(ratios, dtype=wg.dtype, device=wg.device)
+        ub_s, ub_z, ub_l = upper_bounds(wg, hg, s0, r, maxq, max_clip, zero_limit=zero_limit)
+        accept(torch.arange(wg.shape[0], device=wg.device), ub_s, ub_z, ub_l)
+    for ratio in ratios:
+        consider(s0 * ratio)
+    if rounds is None:
+        rounds = CLIP_REFINE_ROUNDS if max_clip is not None else 3
     if refine == "grid":
         centre = best_s.clone()
         half = (fine // coarse) // 2
@@ -467,13 +608,17 @@ def _init_neuqi(
             s = torch.where(s > max(min_ratio, 0.0) * s0, s, centre)  # only feasible scales
             consider(s)
         return best_s, best_z
-    # "exact": alternate the exact best scale for the zero and the exact best zero
-    # for the scale; each step can only lower the loss (continuous, no grid).
     for _ in range(rounds):
-        floor = None if max_clip is None else least_scale(best_z)[:, None]
-        s_new, _ = _chunked_scale_sweep(wg, hg, maxq, best_z[:, None], floor)
+        if refine == "lloyd":
+            s_new = lloyd_scale(wg, hg, best_s, best_z, maxq)
+            if max_clip is not None:
+                s_new = torch.maximum(s_new, min_ratio * s0)
+        else:
+            floor = None if max_clip is None else least_scale(best_z)[:, None]
+            s_new, _ = _chunked_scale_sweep(wg, hg, maxq, best_z[:, None], floor)
         ok = torch.isfinite(s_new) & (s_new > 0)
-        consider(torch.where(ok, s_new, best_s))
+        moved = ok & ((s_new - best_s).abs() > 1e-7 * best_s)
+        consider(torch.where(ok, s_new, best_s), moved)
     return best_s, best_z
 
 
@@ -560,14 +705,58 @@ def _scale_sweep_chunk(
     return scale.to(wg.dtype), zero_pt.to(wg.dtype), loss.gather(1, best[:, None]).squeeze(1)
 
 
-def _init_neuqi_int(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
-    """NeUQI_int: best integer zero in ``0..maxq`` with the exactly best scale for it.
+# Float zero-points are stored in float16 (native checkpoint, HQQ export): beyond
+# |z| = 128 its spacing exceeds 1/16 of a step, at 2048 whole steps are lost and
+# past 65504 it overflows.  A group whose best zero lies outside
+# [−limit, maxq + limit] (values crowded far from 0) is searched again within it.
+FLOAT_ZERO_LIMIT = 128.0
+# Integer zero-points ranked by the coarse grid whose exact scale sweep is run.
+NEUQI_INT_ZEROS = 3
+# At most this many integer zeros (those nearest min-max's) enter the coarse ranking.
+NEUQI_INT_MAX_ZEROS = 16
 
-    The reference searches a grid of 2048 scales in ``(0, s₀]``; the sweep of
-    :func:`_scale_sweep_chunk` finds the optimum over every scale instead, at a
-    fraction of the cost.  Min-max is kept for a group where it is strictly better.
+
+def _int_zero_losses_chunk(wg: Tensor, hg: Tensor, s: Tensor, z: Tensor, maxq: int) -> Tensor:
+    """Least loss over the scales ``s: [G, K]`` for the zero ``z: [G, 1]`` → ``[G]``."""
+    u = wg[:, None, :] / s[:, :, None]
+    e = u + z[:, :, None] - torch.clamp(torch.round(u + z[:, :, None]), 0, maxq)
+    return ((hg[:, None, :] * e * e).sum(-1) * s * s).amin(1)
+
+
+def _init_neuqi_int(
+    wg: Tensor, hg: Tensor, maxq: int, coarse: int = NEUQI_COARSE,
+    max_ratio: float = NEUQI_MAX_RATIO, keep: int = NEUQI_INT_ZEROS,
+) -> tuple[Tensor, Tensor]:
+    """NeUQI_int: best integer zero with the exactly best scale for it.
+
+    The reference searches a grid of 2048 scales in ``(0, s₀]`` for every integer
+    zero.  Here every candidate zero is first scored on the coarse grid
+    ``s₀·i/coarse`` (direct evaluation, a pass over the group per point), and only
+    the ``keep`` best zeros get the exact sweep over every scale
+    (:func:`_scale_sweep_chunk`, O(n·maxq) events per zero): at 4 bits 3 sweeps
+    instead of 16.  Min-max is kept for a group where it is strictly better.
     """
-    scale, zero = _chunked_scale_sweep(wg, hg, maxq)
+    G, n = wg.shape
+    s0 = minmax_scale(wg, maxq)
+    n_zeros = min(maxq + 1, NEUQI_INT_MAX_ZEROS)
+    if n_zeros == maxq + 1:
+        zeros = torch.arange(maxq + 1, device=wg.device, dtype=wg.dtype).expand(G, -1)
+    else:
+        centre = torch.clamp(torch.round(-wg.amin(1) / s0) - n_zeros // 2, 0, maxq + 1 - n_zeros)
+        zeros = centre[:, None] + torch.arange(n_zeros, device=wg.device, dtype=wg.dtype)
+    if keep < n_zeros:
+        ratios = torch.arange(1, round(coarse * max_ratio) + 1, device=wg.device, dtype=wg.dtype) / coarse
+        chunk = _chunk_rows(G, n * ratios.numel(), wg.device)
+        score = torch.empty_like(zeros)
+        for c, start in enumerate(range(0, G, chunk)):
+            part = slice(start, start + chunk)
+            s = s0[part, None] * ratios[None, :]
+            for j in range(n_zeros):
+                score[part, j] = _run_sweep(_int_zero_losses_chunk, wg[part], hg[part], s,
+                                            zeros[part, j : j + 1].contiguous(), maxq)
+            _trim(c, wg.device)
+        zeros = zeros.gather(1, score.topk(keep, dim=1, largest=False).indices)
+    scale, zero = _chunked_scale_sweep(wg, hg, maxq, zeros.contiguous())
     ok = torch.isfinite(scale) & (scale > 0)
     mm_s, mm_z = _init_minmax(wg, maxq, 1.0)
     scale = torch.where(ok, scale, mm_s)
@@ -631,6 +820,11 @@ def init_params(
         scale, zero = _init_mse(wg, hg, maxq, grid=grid or 100)
     elif method == "neuqi":
         scale, zero = _init_neuqi(wg, hg, maxq, max_clip=max_clip)
+        far = torch.nonzero((zero < -FLOAT_ZERO_LIMIT) | (zero > maxq + FLOAT_ZERO_LIMIT),
+                            as_tuple=True)[0]
+        if far.numel():  # rare: near-constant groups far from 0; search them again bounded
+            scale[far], zero[far] = _init_neuqi(wg[far], hg[far], maxq, max_clip=max_clip,
+                                                zero_limit=FLOAT_ZERO_LIMIT)
     else:
         scale, zero = _init_neuqi_int(wg, hg, maxq)
     return QuantParams(scale.reshape(out, n_groups), zero.reshape(out, n_groups))
