@@ -20,7 +20,7 @@ from neuqi.models.adapters import adapter_for
 from neuqi.models.loading import load_model, load_tokenizer
 from neuqi.pipeline.config import QuantConfig
 from neuqi.pipeline.sequential import (
-    capture_layer0_inputs,
+    capture_layer_inputs,
     decoder_layers,
     group_hessian,
     layer_outputs,
@@ -45,7 +45,8 @@ def main() -> None:
     model, tokenizer = load_model(args.model, torch.float32), load_tokenizer(args.model)
     adapter = adapter_for(model.config.model_type)
     windows = sample_windows(tokenize(load_text("c4-sample"), tokenizer), args.nsamples, args.seqlen, 0)
-    batches = capture_layer0_inputs(model, adapter, windows, 1, torch.device("cpu"))
+    batches = [b.at_layer(args.layer)
+               for b in capture_layer_inputs(model, adapter, windows, 1, torch.device("cpu"))]
     layer = decoder_layers(model, adapter)[args.layer]
     opts = QuantConfig(bits=args.bits, group_size=args.group_size, init=args.init)
     release_freed_memory()

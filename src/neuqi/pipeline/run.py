@@ -29,7 +29,7 @@ from neuqi.memory import AnonPeak, peak_memory, reset_peak_memory
 from neuqi.models.adapters import adapter_for
 from neuqi.models.loading import load_model, load_tokenizer, resolve_model_path
 from neuqi.pipeline.config import QuantConfig, RunConfig
-from neuqi.pipeline.sequential import capture_layer0_inputs, quantize_layers
+from neuqi.pipeline.sequential import capture_layer_inputs, quantize_layers
 
 log = logging.getLogger("neuqi")
 
@@ -178,7 +178,7 @@ def calibrate_and_quantize(
     t0 = time.perf_counter()
     if windows is None:
         windows = calibration_windows(cfg, tokenizer)
-    batches = capture_layer0_inputs(model, adapter, windows, cfg.batch_size, device, home)
+    batches = capture_layer_inputs(model, adapter, windows, cfg.batch_size, device, home)
     t_capture = time.perf_counter() - t0
     n_layers = len(model.get_submodule(adapter.layers))
     with progress_bar(quiet) as bar:

@@ -1,6 +1,7 @@
 """Sequential calibration ("seq" mode): one decoder layer at a time.
 
-Inputs of layer 0 are captured once; for each layer every group of linears that
+Inputs of layer 0, and what the model passes every layer besides (masks, rotary
+embeddings, which can differ from layer to layer), are captured once; for each layer every group of linears that
 shares an input ({q,k,v} → {o} → {gate,up} → {down}) gets one
 ``H = mean(x xᵀ)``, computed with the earlier groups of the layer already
 quantized; the layer's quantized output becomes the next layer's input.  Only
@@ -34,17 +35,39 @@ class _StopForward(Exception):
 @dataclass
 class Batch:
     hidden: Tensor  # [b, seqlen, hidden] on the work device
-    kwargs: dict  # what the model passes every decoder layer (masks, rotary embeddings)
+    kwargs: dict  # what the model passes the current decoder layer (masks, rotary embeddings)
+    # What the model's own forward passes each decoder layer, by index: models with
+    # per-layer attention (Gemma 3's sliding/full layers, Qwen's sliding windows)
+    # give layers different masks and rotary embeddings.
+    layer_kwargs: list[dict] | None = None
+
+    def at_layer(self, i: int) -> Batch:
+        """This batch as decoder layer ``i`` receives it."""
+        if self.layer_kwargs is None:
+            return self
+        return Batch(self.hidden, self.layer_kwargs[i], self.layer_kwargs)
+
+
+def _layer_kwargs(kwargs: dict) -> dict:
+    kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
+    kw["use_cache"] = False
+    return kw
 
 
 @torch.no_grad()
-def capture_layer0_inputs(
+def capture_layer_inputs(
     model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int, device: torch.device,
     home: torch.device | str = "cpu",
 ) -> list[Batch]:
-    """Run the embeddings on every calibration batch and catch layer 0's inputs.
+    """Run the model's own forward on every calibration batch with every decoder
+    layer stood in for by a recorder: layer 0's hidden states and the keyword
+    arguments (masks, rotary embeddings) of every layer, exactly as the model
+    builds them.
 
-    The embeddings visit ``device`` and go back to ``home``, where the model lives.
+    The recorders return their input unchanged, so no layer computes anything and
+    the layers' weights may stay wherever they are; the forward stops at the last
+    one.  Only the embeddings and the rotary module visit ``device`` and go back
+    to ``home``, where the model lives.
     """
     layers = decoder_layers(model, adapter)
     moved = [model.get_submodule(adapter.embed)]
@@ -52,23 +75,36 @@ def capture_layer0_inputs(
         moved.append(model.get_submodule(adapter.rotary))
     for m in moved:
         m.to(device)
-    layer0 = layers[0]
     caught: list[Batch] = []
+    current: list[dict] = []
 
-    def catch(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
-        kw["use_cache"] = False
-        caught.append(Batch(hidden.detach(), kw))
-        raise _StopForward
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if i == 0:
+                caught.append(Batch(hidden.detach(), _layer_kwargs(kwargs), current))
+            current.append(_layer_kwargs(kwargs))
+            if i == len(layers) - 1:
+                raise _StopForward
+            return hidden
+        return forward
 
-    handle = layer0.register_forward_pre_hook(catch, with_kwargs=True)
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)  # instance attribute: shadows the class's forward
     try:
         for i in range(0, windows.shape[0], batch_size):
+            current = []
+            n = len(caught)
             with contextlib.suppress(_StopForward):
                 model(windows[i : i + batch_size].to(device), use_cache=False)
+            if len(caught) != n + 1 or len(current) != len(layers):
+                raise RuntimeError(
+                    f"the model's forward called {len(current)} of its {len(layers)} decoder "
+                    f"layers; neuqi's adapter for {type(model).__name__} does not match it")
+            caught[-1].layer_kwargs = current
     finally:
-        handle.remove()
+        for layer in layers:
+            del layer.forward
         for m in moved:
             m.to(home)
     return caught
@@ -117,7 +153,7 @@ def layer_outputs(layer: nn.Module, batches: list[Batch]) -> list[Batch]:
     for b in batches:
         h = layer(b.hidden, **b.kwargs)
         h = h[0] if isinstance(h, tuple) else h
-        out.append(Batch(h, b.kwargs))
+        out.append(Batch(h, b.kwargs, b.layer_kwargs))
     return out
 
 
@@ -168,6 +204,7 @@ def quantize_layers(
     stats: list[dict] = []
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
+        batches = [b.at_layer(i) for b in batches]
         if before_layer is not None:
             before_layer(i, layer)
         layer.to(device)
@@ -211,11 +248,12 @@ def block_hessians(
     the H of its input group, as the pipeline would compute it.
     """
     device = torch.device(device)
-    batches = capture_layer0_inputs(model, adapter, windows, batch_size, device)
+    batches = capture_layer_inputs(model, adapter, windows, batch_size, device)
     layers = decoder_layers(model, adapter)
-    for layer in layers[:index]:
-        batches = layer_outputs(layer.to(device), batches)
+    for i, layer in enumerate(layers[:index]):
+        batches = layer_outputs(layer.to(device), [b.at_layer(i) for b in batches])
         layer.to("cpu")
+    batches = [b.at_layer(index) for b in batches]
     layer = layers[index].to(device)
     out = []
     for group in adapter.groups:

@@ -1,0 +1,96 @@
+"""Every decoder layer is calibrated on exactly what the model's own forward gives it.
+
+With the quantizer out of the loop (full-precision layers), the pipeline's capture and
+propagation must reproduce, layer by layer, the hidden states and keyword arguments
+(masks, rotary embeddings) of the model's forward.  The tiny models' sliding windows
+(8 tokens) are shorter than the calibration windows (32), so a layer calibrated with
+another layer's mask would see different inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from neuqi.models.adapters import ADAPTERS, adapter_for, decoder_layers
+from neuqi.pipeline.sequential import capture_layer_inputs, layer_outputs
+
+SEQ, WINDOW, LAYERS = 32, 8, 4
+
+SLIDING = {
+    "mistral": dict(sliding_window=WINDOW),
+    "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2),
+    "qwen3": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2),
+    "gemma3_text": dict(sliding_window=WINDOW, head_dim=16,
+                        layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2)),
+}
+
+
+def tiny(model_type: str) -> torch.nn.Module:
+    cfg = AutoConfig.for_model(
+        model_type, vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        **SLIDING.get(model_type, {}))
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def forward_inputs(model, adapter, ids):
+    """Each decoder layer's hidden-state input in the model's own forward."""
+    seen = []
+
+    def hook(_m, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).clone())
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True)
+               for layer in decoder_layers(model, adapter)]
+    try:
+        with torch.no_grad():
+            model(ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("model_type", sorted(ADAPTERS))
+def test_every_layer_sees_what_the_models_forward_gives_it(model_type):
+    model = tiny(model_type)
+    adapter = adapter_for(model.config.model_type)
+    ids = torch.randint(0, 128, (3, SEQ))
+    expected = forward_inputs(model, adapter, ids)
+    batches = capture_layer_inputs(model, adapter, ids, 2, torch.device("cpu"))
+    for i, layer in enumerate(decoder_layers(model, adapter)):
+        batches = [b.at_layer(i) for b in batches]
+        got = torch.cat([b.hidden for b in batches])
+        torch.testing.assert_close(got, expected[i], rtol=1e-5, atol=1e-6)
+        batches = layer_outputs(layer, batches)
+
+
+def test_layer_zero_arguments_replayed_would_miscalibrate_gemma3():
+    """The test above has teeth: replaying layer 0's (sliding-window) mask for the
+    full-attention layer 1, as the pipeline once did, changes its output."""
+    model = tiny("gemma3_text")
+    adapter = adapter_for("gemma3_text")
+    ids = torch.randint(0, 128, (1, SEQ))
+    (batch,) = capture_layer_inputs(model, adapter, ids, 1, torch.device("cpu"))
+    layers = decoder_layers(model, adapter)
+    with torch.no_grad():
+        h1 = layers[0](batch.hidden, **batch.layer_kwargs[0])
+        right = layers[1](h1, **batch.layer_kwargs[1])
+        wrong = layers[1](h1, **batch.layer_kwargs[0])
+    assert not torch.allclose(right, wrong, atol=1e-4)
+
+
+def test_an_adapter_that_does_not_match_the_forward_is_an_error(monkeypatch):
+    import neuqi.pipeline.sequential as seq
+
+    model = tiny("llama")
+    adapter = adapter_for("llama")
+    layers = decoder_layers(model, adapter)
+    model.model.layers = torch.nn.ModuleList(list(layers)[:2])  # the forward now skips two
+    monkeypatch.setattr(seq, "decoder_layers", lambda m, a: layers)
+    with pytest.raises(RuntimeError, match="called 2 of its 4 decoder layers"):
+        capture_layer_inputs(model, adapter, torch.randint(0, 128, (1, SEQ)), 1, torch.device("cpu"))
