@@ -1,11 +1,11 @@
 """Sequential calibration ("seq" mode): one decoder layer at a time.
 
 Inputs of layer 0, and what the model passes every layer besides (masks, rotary
-embeddings, which can differ from layer to layer), are captured once; for each layer every group of linears that
-shares an input ({q,k,v} → {o} → {gate,up} → {down}) gets one
-``H = mean(x xᵀ)``, computed with the earlier groups of the layer already
-quantized; the layer's quantized output becomes the next layer's input.  Only
-the layer being processed sits on the work device.
+embeddings, which can differ from layer to layer), are captured once; for each
+layer every group of linears that shares an input ({q,k,v} → {o} → {gate,up} →
+{down}) gets one ``H = mean(x xᵀ)``, computed with the earlier groups of the
+layer already quantized; the layer's quantized output becomes the next layer's
+input.  Only the layer being processed sits on the work device.
 """
 
 from __future__ import annotations
