@@ -1,20 +1,27 @@
-"""Seconds of NeUQI's scale search under its three lower bounds: clip-only, pair, pair + binned rounding.
+"""Seconds and optimality of NeUQI's parameter search, one variant per change, side by side.
 
     python bench/neuqi_search_speed.py [--model smollm2-135m] [--layer 3] [--repeat 1]
-        [--specs 3:-1,4:-1,3:64,2:64] [--variants clip-only,pair,pair+rounding]
+        [--specs 3:64,2:64,3:-1,4:-1,4:64] [--rows 64]
 
-The search skips a candidate scale for a group when a lower bound of the group's loss
-there exceeds its best so far; the skipped candidates could not have won, so both
-bounds give the same parameters (checked here on every layer) and only the time
-differs.  The clip-only bound ``Σ hp (d − maxq·s)₊²`` (the bound before this bench was
-written, candidates visited from large to small) prunes only scales that are too small;
-the rounding-aware one ``Σ hp · min_m (d − m·s)²`` with a sparse first pass also prunes
-scales that are too large, which channel-wise rows (optimum far below min-max) are full
-of.  The pair bound still lets a pair split its rounding error, so on long rows it
-sees about a quarter of it; the binned rounding bound (``_rounding_bound``, used on
-groups of 256 and more) counts every element's distance to the nearest code.
+NeUQI (float zero), each variant adding one change to the one before:
+
+- ``before``: the search of commit 9152b71: exact best zero at every candidate scale
+  the pair bound cannot rule out (the binned rounding bound only on groups of 256+),
+  then two rounds of exact best scale / exact best zero.
+- ``+rounding bound``: the binned rounding bound on every group length.
+- ``+upper bounds``: every candidate scale first evaluated directly with a few zeros
+  (:func:`neuqi.quant.init.upper_bounds`); the best of those seeds the exact search.
+- ``+lloyd``: the refinement's exact scale sweep replaced by the least-squares scale
+  for the current codes (three rounds); this is the default now.
+
+NeUQI_int: the exact scale sweep for every integer zero (``all zeros``, the search of
+9152b71) against the sweep for the 3 zeros the coarse grid ranks best (``top-3``); their
+parameters are compared group by group.
+
 Real layers: the 7 linears of one decoder block with their diag(H) from c4-sample.
-The variants run side by side in one process, one at a time.  Writes
+Time is the whole block; optimality is each group's weighted error divided by a dense
+optimum (1000 scales up to 1.25·s₀, exact best zero each) on the first ``--rows`` rows of
+every linear.  The variants run one after the other in one process.  Writes
 ``bench/results/neuqi_search_speed[.<model>].json``.
 """
 
@@ -23,43 +30,63 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from neuqi.quant import QuantSpec, fake_quantize, group_weighted_error, init_params
+from neuqi.quant import QuantSpec
 from neuqi.quant import init as init_mod
+from neuqi.quant.init import dense_scale_search, group_loss, to_groups
 
-VARIANTS = ("clip-only", "pair", "pair+rounding")
-
-
-def clip_only_bound(spans, hp, s, maxq):
-    return (hp * torch.relu(spans - maxq * s[:, None]) ** 2).sum(dim=1)
+NEUQI_VARIANTS = ("before", "+rounding bound", "+upper bounds", "+lloyd")
+OLD_ROUND_BOUND_MIN_LEN = 256  # 9152b71 used the binned bound on long groups only
 
 
-def descending(top: int, skip: int, stride: int = 8) -> list[int]:
-    return [i for i in range(top, 0, -1) if i != skip]
+@contextmanager
+def variant(name: str):
+    """Patch ``init_mod`` so that ``_init_neuqi`` runs as ``name``."""
+    saved_bound, saved_init = init_mod._rounding_bound, init_mod._init_neuqi
+    original = init_mod._rounding_bound
 
+    def long_rows_only(ws, hs, spans, hp, s, maxq, *a):
+        if ws.shape[1] < OLD_ROUND_BOUND_MIN_LEN:
+            return torch.zeros_like(s)
+        return original(ws, hs, spans, hp, s, maxq, *a)
 
-def no_bound(ws, hs, spans, hp, s, maxq):
-    return torch.zeros_like(s)
-
-
-def timed_search(layers, spec: QuantSpec, variant: str, repeat: int) -> tuple[float, list]:
-    saved = init_mod._pair_bound, init_mod._coarse_order, init_mod._rounding_bound
-    if variant != "pair+rounding":
-        init_mod._rounding_bound = no_bound
-    if variant == "clip-only":
-        init_mod._pair_bound, init_mod._coarse_order = clip_only_bound, descending
+    opts = {
+        "before": dict(upper_bound=False, refine="sweep", rounds=2),
+        "+rounding bound": dict(upper_bound=False, refine="sweep", rounds=2),
+        "+upper bounds": dict(upper_bound=True, refine="sweep", rounds=2),
+        "+lloyd": {},
+    }[name]
+    if name == "before":
+        init_mod._rounding_bound = long_rows_only
+    init_mod._init_neuqi = lambda *a, **k: saved_init(*a, **{**k, **opts})
     try:
-        best, params = float("inf"), []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            params = [init_params(w, spec, "neuqi", torch.diagonal(H)) for _, w, H in layers]
-            best = min(best, time.perf_counter() - t0)
-        return best, params
+        yield
     finally:
-        init_mod._pair_bound, init_mod._coarse_order, init_mod._rounding_bound = saved
+        init_mod._rounding_bound, init_mod._init_neuqi = saved_bound, saved_init
+
+
+def run_block(layers, spec: QuantSpec, fn, repeat: int) -> tuple[float, list]:
+    best, out = float("inf"), []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = [fn(*to_groups(w, spec, h)[:2], spec.maxq) for _, w, h in layers]
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def ratios(layers, spec: QuantSpec, params: list, dense: list, rows: int) -> dict:
+    r = []
+    for (_, w, h), (s, z), opt in zip(layers, params, dense, strict=True):
+        wg, hg, n_groups = to_groups(w, spec, h)
+        k = rows * n_groups
+        loss = group_loss(wg[:k], hg[:k], s[:k], z[:k], spec.maxq).double()
+        r.append(loss / opt.clamp_min(1e-30))
+    r = torch.cat(r)
+    return {"mean": float(r.mean()), "worst": float(r.max())}
 
 
 def main() -> None:
@@ -69,39 +96,46 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="a model under the neuqi cache")
     ap.add_argument("--layer", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--specs", default="3:-1,4:-1,3:64,2:64", help="bits:group,...")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--specs", default="3:64,2:64,3:-1,4:-1,4:64", help="bits:group,...")
+    ap.add_argument("--rows", type=int, default=64, help="rows per linear for the optimality ratio")
     args = ap.parse_args()
     specs = [QuantSpec(int(b), int(g)) for b, g in (c.split(":") for c in args.specs.split(","))]
-    variants = args.variants.split(",")
     torch.manual_seed(0)
-    layers = [(n, w.float(), H.float()) for n, w, H in block_layers(args.layer, args.model)]
-    init_params(layers[0][1][:8], specs[0], "neuqi", torch.diagonal(layers[0][2]))  # compile once
-    rows = []
-    print(f"{'spec':6s} " + " ".join(f"{v + ' s':>15s}" for v in variants)
-          + f" {'speed-up':>9s} {'max rel. err diff':>18s}")
-    for spec in specs:
-        secs, params = {}, {}
-        for v in variants:
-            secs[v], params[v] = timed_search(layers, spec, v, args.repeat)
-        diff = 0.0
-        for i, (_, w, H) in enumerate(layers):
-            h = torch.diagonal(H)
-            errs = [group_weighted_error(w, fake_quantize(w, params[v][i], spec), spec, h).double()
-                    for v in variants]
-            for e in errs[1:]:
-                diff = max(diff, float(((e - errs[0]) / errs[0].clamp_min(1e-30)).abs().max()))
-        name = f"{spec.bits}b{'ch' if spec.group_size == -1 else 'g' + str(spec.group_size)}"
-        speedup = secs[variants[0]] / secs[variants[-1]]
-        print(f"{name:6s} " + " ".join(f"{secs[v]:15.2f}" for v in variants)
-              + f" {speedup:8.2f}x {diff:18.2e}", flush=True)
-        rows.append({"bits": spec.bits, "group_size": spec.group_size, "seconds": secs,
-                     "speedup_first_to_last": speedup, "max_rel_error_diff": diff})
+    layers = [(n, w.float(), torch.diagonal(H).float()) for n, w, H in block_layers(args.layer, args.model)]
     suffix = "" if args.model == "smollm2-135m" else f".{args.model}"
     out = Path(__file__).parent / "results" / f"neuqi_search_speed{suffix}.json"
-    out.write_text(json.dumps({"model": args.model, "layer": args.layer, "variants": variants,
-                               "threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "rows": rows}, indent=2) + "\n")
+    rows = []
+    for spec in specs:
+        name = f"{spec.bits}b{'ch' if spec.group_size == -1 else 'g' + str(spec.group_size)}"
+        dense = [dense_scale_search(w[: args.rows], spec, h) for _, w, h in layers]
+        row = {"spec": name, "neuqi": {}, "neuqi_int": {}}
+        for v in NEUQI_VARIANTS:
+            with variant(v):
+                run_block(layers[:1], spec, init_mod._init_neuqi, 1)  # compile outside the clock
+                secs, params = run_block(layers, spec, init_mod._init_neuqi, args.repeat)
+            row["neuqi"][v] = {"seconds": secs, **ratios(layers, spec, params, dense, args.rows)}
+            print(f"{name:5s} neuqi {v:16s} {secs:7.2f} s  mean {row['neuqi'][v]['mean']:.6f}  "
+                  f"worst {row['neuqi'][v]['worst']:.4f}", flush=True)
+        int_params = {}
+        for v, keep in (("all zeros", 1 << 30), ("top-3", init_mod.NEUQI_INT_ZEROS)):
+            fn = lambda wg, hg, maxq, keep=keep: init_mod._init_neuqi_int(wg, hg, maxq, keep=keep)  # noqa: E731
+            run_block(layers[:1], spec, fn, 1)
+            secs, int_params[v] = run_block(layers, spec, fn, args.repeat)
+            row["neuqi_int"][v] = {"seconds": secs}
+        worst = 0.0
+        for (_, w, h), a, b in zip(layers, int_params["all zeros"], int_params["top-3"], strict=True):
+            wg, hg, _ = to_groups(w, spec, h)
+            la, lb = (group_loss(wg, hg, s, z, spec.maxq).double() for s, z in (a, b))
+            worst = max(worst, float((lb / la.clamp_min(1e-30)).max()))
+        row["neuqi_int"]["top-3 / all zeros, worst group"] = worst
+        print(f"{name:5s} neuqi_int all zeros {row['neuqi_int']['all zeros']['seconds']:7.2f} s  "
+              f"top-3 {row['neuqi_int']['top-3']['seconds']:7.2f} s  worst loss ratio {worst:.6f}",
+              flush=True)
+        rows.append(row)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"model": args.model, "layer": args.layer, "rows_for_ratio": args.rows,
+                                   "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                   "results": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

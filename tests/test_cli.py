@@ -18,7 +18,7 @@ def test_quantize_then_eval_with_kl_merges_into_the_run(calib_file, tmp_path):
                               "--calib", str(calib_file), "--nsamples", "4", "--seqlen", "64",
                               "--out-dir", str(out), "--device", "cpu", "-q"])
     assert res.exit_code == 0, res.output
-    run_dir = out / "tiny.calib.n4.L64.LDLQ.2bit.g32.Hsort.neuqi"
+    (run_dir,) = out.glob("tiny.calib-*.n4.L64.LDLQ.2bit.g32.Hsort.neuqi")  # the file's digest
     res = runner.invoke(app, ["eval", str(run_dir), "--ppl", str(calib_file), "--seqlen", "64",
                               "--windows", "3", "--kl", str(model), "--device", "cpu", "-q"])
     assert res.exit_code == 0, res.output
@@ -85,7 +85,7 @@ def test_quantize_for_a_gguf_type_stores_what_the_type_stores(calib_file, tmp_pa
                               "--nsamples", "4", "--seqlen", "64", "--out-dir", str(out), "--device", "cpu",
                               "-q"])
     assert res.exit_code == 0, res.output
-    run_dir = out / "tiny.calib.n4.L64.LDLQ.Q5_1.Hsort.neuqi"
+    (run_dir,) = out.glob("tiny.calib-*.n4.L64.LDLQ.Q5_1.Hsort.neuqi")
     qc = json.loads((run_dir / "config.json").read_text())["quantization_config"]
     assert qc["gguf_type"] == "Q5_1" and qc["bits"] == 5 and qc["group_size"] == 32
     src = read_source(run_dir)

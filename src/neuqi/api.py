@@ -42,6 +42,7 @@ def quantize(
     calib: Calibration | None = None,
     *,
     save: str | Path | None = None,
+    overwrite: bool = False,
     device: str | torch.device | None = None,
     quiet: bool = True,
     config: QuantConfig | None = None,
@@ -56,9 +57,12 @@ def quantize(
     fields (``bits=3, group_size=64, init="neuqi_int", gguf="Q4_0", ...``), or pass
     ``config``. The model stays on its device; each decoder layer visits ``device``
     (default: CUDA when there is one) for its turn. ``save`` also writes a run
-    folder (checkpoint, ``result.json``), replaced atomically.
+    folder (checkpoint, ``result.json``) atomically; an existing folder is an error
+    unless ``overwrite``.
     """
     quant = _options(config, options, calib)
+    if save is not None and Path(save).exists() and not overwrite:  # before hours of work
+        raise FileExistsError(f"{save} already exists; pass overwrite=True to replace it")
     home = _model_device(model)
     work = _work_device(device, home)
     windows = _calibration(quant, calib, tokenizer)
@@ -70,7 +74,8 @@ def quantize(
         records, stats, timing = calibrate_and_quantize(quant, model, tokenizer, work, quiet,
                                                         windows=windows, home=home)
     if save is not None:
-        _save_run(Path(save), model, tokenizer, records, quant, stats, timing, work, anon.peak_mb)
+        _save_run(Path(save), model, tokenizer, records, quant, stats, timing, work, anon.peak_mb,
+                  overwrite)
     _swap_in_quantlinears(model, records, quant)
     log.info("quantized %d linears in %.1fs", len(records), time.perf_counter() - t0)
     return model
@@ -140,11 +145,11 @@ def _swap_in_quantlinears(model: nn.Module, records: dict[str, QuantizedLinear],
 
 
 def _save_run(folder: Path, model, tokenizer, records, quant: QuantConfig, stats: list[dict],
-              timing: dict, device: torch.device, anon_mb) -> None:
+              timing: dict, device: torch.device, anon_mb, overwrite: bool) -> None:
     name = short_model_name(getattr(model.config, "_name_or_path", "") or model.config.model_type)
     run_info = {"config": {**asdict(quant), "model": name, "run_name": folder.name},
                 "environment": environment(device)}
-    with run_directory(folder) as work:
+    with run_directory(folder, overwrite) as work:
         write_checkpoint(model, records, quant.spec, quant.zero_point, quant.act_order, work, tokenizer,
                          run_info, gguf_type=quant.gguf)
         result = run_result(run_info, folder.name, stats, timing, work,

@@ -83,6 +83,7 @@ def quantize(
     eval_seqlen: int = 2048,
     eval_windows: Annotated[int | None, typer.Option(help="cap on windows per set")] = None,
     low_memory: Annotated[bool, typer.Option(help="read one layer at a time from the shards")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run of the same name")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Quantize MODEL layer by layer and save a packed checkpoint under OUT_DIR/RUN_NAME."""
@@ -93,7 +94,7 @@ def quantize(
     try:
         cfg = RunConfig(model=model, **quant, dtype=dtype, device=device, out_dir=str(out_dir),
                         eval_sets=_split(eval), eval_seqlen=eval_seqlen, eval_windows=eval_windows,
-                        low_memory=low_memory)
+                        low_memory=low_memory, overwrite=overwrite)
         run_dir = quantize_model(cfg, quiet=quiet)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         _fail(exc)

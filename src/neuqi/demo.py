@@ -45,7 +45,7 @@ def run_demo(
     del fp
     for init, label in (("minmax", "GPTQ/LDLQ + min-max"), ("neuqi", "NeUQI + LDLQ")):
         cfg = RunConfig(model=str(model_dir), bits=3, group_size=64, init=init, calib=calib,
-                        nsamples=nsamples, seqlen=seqlen, out_dir=str(out_dir),
+                        nsamples=nsamples, seqlen=seqlen, out_dir=str(out_dir), overwrite=True,
                         eval_sets=EVAL_SETS, eval_windows=eval_windows, eval_seqlen=eval_seqlen)
         console.print(f"[bold]{label}[/]: {cfg.run_name}")
         run_dir = quantize_model(cfg)

@@ -1,6 +1,8 @@
 """End to end on tiny random-initialised LLaMA and Qwen2 models."""
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -46,7 +48,8 @@ def test_quantize_writes_a_complete_run_directory(calib_file, tmp_path):
     cfg = tiny_config(model, calib_file, tmp_path / "runs", eval_sets=[str(calib_file)],
                       eval_seqlen=64, eval_windows=2)
     run_dir = quantize_model(cfg, quiet=True)
-    assert run_dir.name == "tiny-llama.calib.n4.L64.LDLQ.3bit.g48.Hsort.neuqi"
+    name = r"tiny-llama\.calib-[0-9a-f]{8}\.n4\.L64\.LDLQ\.3bit\.g48\.Hsort\.neuqi"
+    assert re.fullmatch(name, run_dir.name)  # the calibration file's digest after its stem
     files = {p.name for p in run_dir.iterdir()}
     assert {"config.json", "model.safetensors", "result.json", "quantize.log", "tokenizer.json"} <= files
     res = json.loads((run_dir / "result.json").read_text())
@@ -85,7 +88,7 @@ def test_an_interrupted_run_leaves_earlier_results_intact(calib_file, tmp_path, 
 
     monkeypatch.setattr(run_mod, "quantize_layers", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        quantize_model(cfg, quiet=True)
+        quantize_model(dataclasses.replace(cfg, overwrite=True), quiet=True)
     assert (run_dir / "result.json").read_text() == before
     assert not list((tmp_path / "runs").glob(".*partial"))
 
@@ -162,3 +165,37 @@ def test_atomic_outputs_get_the_usual_permissions(tmp_path):
         os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_run_names_carry_every_setting_that_changes_the_result(calib_file, tmp_path):
+    def name(calib=calib_file, **kw):
+        return tiny_config(tmp_path / "m", calib, tmp_path / "runs", **kw).run_name
+
+    names = {"base": name(), "damp": name(damp=0.1), "seed": name(seed=3),
+             "alpha": name(magr=True, magr_alpha=1e-3), "magr": name(magr=True),
+             "bf16": name(dtype="bfloat16")}
+    other = tmp_path / "other" / calib_file.name  # same file name, other text
+    other.parent.mkdir()
+    other.write_text("different calibration text " * 50)
+    names["file"] = name(other)
+    assert len(set(names.values())) == len(names)
+    assert names["damp"].endswith(".damp0.1") and names["seed"].endswith(".seed3")
+    assert names["bf16"].endswith(".bf16") and ".magr0.001" in names["alpha"]
+    # Defaults keep the short readable name.
+    assert ".damp" not in names["base"] and ".seed" not in names["base"] and "bf16" not in names["base"]
+
+
+def test_an_existing_run_is_not_replaced_without_overwrite(calib_file, tmp_path):
+    model = make_tiny_model(tmp_path / "tiny-llama", "llama")
+    cfg = tiny_config(model, calib_file, tmp_path / "runs", init="minmax")
+    run_dir = quantize_model(cfg, quiet=True)
+    before = (run_dir / "model.safetensors").stat().st_mtime_ns
+    (run_dir / "mine.txt").write_text("notes the user keeps in the run folder")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        quantize_model(cfg, quiet=True)
+    assert (run_dir / "mine.txt").exists()
+    assert (run_dir / "model.safetensors").stat().st_mtime_ns == before
+    again = quantize_model(tiny_config(model, calib_file, tmp_path / "runs", init="minmax", overwrite=True),
+                           quiet=True)
+    assert again == run_dir and not (run_dir / "mine.txt").exists()
+    assert json.loads((run_dir / "result.json").read_text())["config"]["run_name"] == cfg.run_name

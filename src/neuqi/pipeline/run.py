@@ -117,7 +117,7 @@ def quantize_model(cfg: RunConfig, quiet: bool = False) -> Path:
     """Run the whole job; returns the finished run directory."""
     device = cfg.torch_device()
     dtype = cfg.torch_dtype()
-    with run_directory(Path(cfg.out_dir) / cfg.run_name) as work:
+    with run_directory(Path(cfg.out_dir) / cfg.run_name, cfg.overwrite) as work:
         with log_to_file(work / "quantize.log"):
             result = _quantize_into(cfg, work, device, dtype, quiet)
         atomic_write_json(work / "result.json", result)
@@ -125,8 +125,16 @@ def quantize_model(cfg: RunConfig, quiet: bool = False) -> Path:
 
 
 @contextmanager
-def run_directory(final: Path):
-    """Yield a hidden work folder that replaces ``final`` only if the block succeeds."""
+def run_directory(final: Path, overwrite: bool = False):
+    """Yield a hidden work folder that becomes ``final`` only if the block succeeds.
+
+    An existing ``final`` is an error unless ``overwrite`` (then it is replaced,
+    still atomically): a run of the same name may be hours of work.
+    """
+    if final.exists() and not overwrite:
+        raise FileExistsError(
+            f"{final} already exists; pass --overwrite (API: overwrite=True) to replace it, "
+            f"or choose another --out-dir")
     out_root = final.parent
     try:
         out_root.mkdir(parents=True, exist_ok=True)
