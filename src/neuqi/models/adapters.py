@@ -51,7 +51,9 @@ def adapter_for(model_type: str) -> Adapter:
         return ADAPTERS[model_type]
     except KeyError:
         raise ValueError(
-            f"unsupported architecture {model_type!r}; neuqi supports {sorted(ADAPTERS)}"
+            f"unsupported architecture {model_type!r}; neuqi supports {sorted(ADAPTERS)}. "
+            f"A decoder with the LLaMA layout needs one entry in neuqi.models.adapters.ADAPTERS "
+            f"({model_type!r}: LLAMA, or an Adapter naming its layers and linears) and a test"
         ) from None
 
 
