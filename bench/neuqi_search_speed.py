@@ -12,7 +12,9 @@ NeUQI (float zero), each variant adding one change to the one before:
 - ``+upper bounds``: every candidate scale first evaluated directly with a few zeros
   (:func:`neuqi.quant.init.upper_bounds`); the best of those seeds the exact search.
 - ``+lloyd``: the refinement's exact scale sweep replaced by the least-squares scale
-  for the current codes (three rounds); this is the default now.
+  for the current codes (three rounds).
+- ``default``: as ``+lloyd``, with the upper bounds only on rows of 256 or more
+  (``UB_MIN_LEN``; on groups of 64 they cost more than they save).
 
 NeUQI_int: the exact scale sweep for every integer zero (``all zeros``, the search of
 9152b71) against the sweep for the 3 zeros the coarse grid ranks best (``top-3``); their
@@ -39,7 +41,7 @@ from neuqi.quant import QuantSpec
 from neuqi.quant import init as init_mod
 from neuqi.quant.init import dense_scale_search, group_loss, to_groups
 
-NEUQI_VARIANTS = ("before", "+rounding bound", "+upper bounds", "+lloyd")
+NEUQI_VARIANTS = ("before", "+rounding bound", "+upper bounds", "+lloyd", "default")
 OLD_ROUND_BOUND_MIN_LEN = 256  # 9152b71 used the binned bound on long groups only
 
 
@@ -58,7 +60,8 @@ def variant(name: str):
         "before": dict(upper_bound=False, refine="sweep", rounds=2),
         "+rounding bound": dict(upper_bound=False, refine="sweep", rounds=2),
         "+upper bounds": dict(upper_bound=True, refine="sweep", rounds=2),
-        "+lloyd": {},
+        "+lloyd": dict(upper_bound=True),
+        "default": {},
     }[name]
     if name == "before":
         init_mod._rounding_bound = long_rows_only
