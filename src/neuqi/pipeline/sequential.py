@@ -81,9 +81,10 @@ def capture_layer_inputs(
     def recorder(i: int):
         def forward(*args, **kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
+            kw = _layer_kwargs(kwargs)
             if i == 0:
-                caught.append(Batch(hidden.detach(), _layer_kwargs(kwargs), current))
-            current.append(_layer_kwargs(kwargs))
+                caught.append(Batch(hidden.detach(), kw, current))
+            current.append(kw)
             if i == len(layers) - 1:
                 raise _StopForward
             return hidden
@@ -101,7 +102,6 @@ def capture_layer_inputs(
                 raise RuntimeError(
                     f"the model's forward called {len(current)} of its {len(layers)} decoder "
                     f"layers; neuqi's adapter for {type(model).__name__} does not match it")
-            caught[-1].layer_kwargs = current
     finally:
         for layer in layers:
             del layer.forward

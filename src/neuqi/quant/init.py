@@ -305,7 +305,7 @@ def _lloyd_scale_chunk(wg: Tensor, hg: Tensor, s: Tensor, z: Tensor, maxq: int) 
     return torch.where((var > 1e-12 * n) & (slope > 0) & torch.isfinite(slope), slope, s)
 
 
-def _chunk_rows(G: int, per_row: int, device: torch.device) -> int:
+def _chunk_rows(per_row: int, device: torch.device) -> int:
     return max(1, _CHUNK_ELEMENTS.get(device.type, 1 << 20) // max(per_row, 1))
 
 
@@ -323,7 +323,7 @@ def upper_bounds(
     a feasible loss, so it can serve as the exact search's first incumbent.
     """
     G, n = wg.shape
-    chunk = _chunk_rows(G, n * ratios.numel(), wg.device)
+    chunk = _chunk_rows(n * ratios.numel(), wg.device)
     w_min, w_max = wg.amin(1, keepdim=True), wg.amax(1, keepdim=True)
     out_s, out_z, out_l = [], [], []
     for i, start in enumerate(range(0, G, chunk)):
@@ -351,7 +351,7 @@ def upper_bounds(
 def lloyd_scale(wg: Tensor, hg: Tensor, s: Tensor, z: Tensor, maxq: int) -> Tensor:
     """:func:`_lloyd_scale_chunk` over chunks of groups; ``s, z: [G]``."""
     G, n = wg.shape
-    chunk = _chunk_rows(G, n, wg.device)
+    chunk = _chunk_rows(n, wg.device)
     return torch.cat([
         _run_sweep(_lloyd_scale_chunk, wg[i : i + chunk], hg[i : i + chunk], s[i : i + chunk],
                    z[i : i + chunk], maxq)
@@ -753,7 +753,7 @@ def _init_neuqi_int(
         zeros = centre[:, None] + torch.arange(n_zeros, device=wg.device, dtype=wg.dtype)
     if keep < n_zeros:
         ratios = torch.arange(1, round(coarse * max_ratio) + 1, device=wg.device, dtype=wg.dtype) / coarse
-        chunk = _chunk_rows(G, n * ratios.numel(), wg.device)
+        chunk = _chunk_rows(n * ratios.numel(), wg.device)
         score = torch.empty_like(zeros)
         for c, start in enumerate(range(0, G, chunk)):
             part = slice(start, start + chunk)
