@@ -103,7 +103,7 @@ def test_dead_inputs_carry_no_weight_in_the_init():
     activations.  The dead inputs must not steer the grid: with their damping floor
     as importance (the old weighting) the off-centre live weights pay for a grid
     stretched through the dead zeroed weights."""
-    from neuqi.quant import init_params
+    from neuqi.quant import fake_quantize, init_params
     from neuqi.quant.gptq import damped_diagonal
 
     torch.manual_seed(0)
@@ -121,16 +121,11 @@ def test_dead_inputs_carry_no_weight_in_the_init():
     res = gptq_quantize(W, H, spec, algorithm="rtn", init="neuqi")
     ours = live_error(dequantize(res.codes, res.params, spec))
     alone = init_params(W[:, ~dead], QuantSpec(3, 32), "neuqi", h[~dead])
-    best = (h[~dead] * (W[:, ~dead] - fake_quantize_cols(W[:, ~dead], alone, QuantSpec(3, 32))) ** 2).sum()
+    best = (h[~dead] * (W[:, ~dead] - fake_quantize(W[:, ~dead], alone, QuantSpec(3, 32))) ** 2).sum()
     W0 = W.clone()
     W0[:, dead] = 0
     old = init_params(W0, spec, "neuqi", h)  # dead inputs weighted by their damping floor
-    old_err = live_error(fake_quantize_cols(W0, old, spec))
+    old_err = live_error(fake_quantize(W0, old, spec))
     assert ours <= best * 1.01
     assert old_err > ours * 1.5
 
-
-def fake_quantize_cols(w, params, spec):
-    from neuqi.quant import fake_quantize
-
-    return fake_quantize(w, params, spec)
