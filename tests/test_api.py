@@ -94,3 +94,18 @@ def test_bad_api_input_gets_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         neuqi.quantize(model, calib=torch.randint(0, 320, (2, 16)), device="cpu")
     assert not isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)  # untouched on failure
+
+
+def test_saving_over_an_existing_run_is_refused_before_any_work(tmp_path, monkeypatch):
+    import neuqi.api as api_mod
+
+    folder = make_tiny_model(tmp_path / "tiny", "llama")
+    model, tok = load_model(folder), load_tokenizer(folder)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("keep me")
+    monkeypatch.setattr(api_mod, "calibrate_and_quantize", lambda *a, **k: pytest.fail("worked anyway"))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        neuqi.quantize(model, tok, calib=torch.randint(0, 300, (2, 32)), bits=3, group_size=32, save=taken)
+    assert (taken / "notes.txt").read_text() == "keep me"
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())

@@ -26,6 +26,7 @@ from neuqi.pipeline.config import QuantConfig, resolve_device, short_model_name
 from neuqi.pipeline.run import (
     calibrate_and_quantize,
     calibration_windows,
+    check_not_taken,
     environment,
     run_directory,
     run_result,
@@ -61,8 +62,8 @@ def quantize(
     unless ``overwrite``.
     """
     quant = _options(config, options, calib)
-    if save is not None and Path(save).exists() and not overwrite:  # before hours of work
-        raise FileExistsError(f"{save} already exists; pass overwrite=True to replace it")
+    if save is not None:
+        check_not_taken(Path(save), overwrite)  # before hours of work
     home = _model_device(model)
     work = _work_device(device, home)
     windows = _calibration(quant, calib, tokenizer)

@@ -9,6 +9,7 @@ model, where to write, what to evaluate).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -20,6 +21,22 @@ from neuqi.quant import ALGORITHMS, INIT_METHODS, QuantSpec
 from neuqi.quant.gguf_types import GGUF_INITS, GGUF_TYPES, GGUFType, gguf_type
 
 DEFAULT_DAMP = 0.01
+
+
+def file_digest(path: Path) -> str:
+    """First 8 hex digits of the file's sha256, read once per (path, size, mtime):
+    the run name is asked for several times a run."""
+    st = path.stat()
+    return _digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:8]
 
 
 def option(default, help: str, *flags: str):
@@ -101,8 +118,7 @@ class QuantConfig:
         calib = self.calib
         if "/" in calib or "." in calib:  # a file: its stem and what it holds
             path = Path(calib)
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8] if path.is_file() else "missing"
-            calib = f"{path.stem}-{digest}"
+            calib = f"{path.stem}-{file_digest(path) if path.is_file() else 'missing'}"
         group = "ch" if self.group_size == -1 else f"g{self.group_size}"
         parts = [calib, f"n{self.nsamples}", f"L{self.seqlen}", self.method.upper()]
         parts += [self.gguf] if self.gguf is not None else [f"{self.bits}bit", group]

@@ -124,6 +124,15 @@ def quantize_model(cfg: RunConfig, quiet: bool = False) -> Path:
     return Path(cfg.out_dir) / cfg.run_name
 
 
+def check_not_taken(final: Path, overwrite: bool) -> None:
+    """An existing run folder is an error unless ``overwrite``; callers check before
+    the work too, so that a name clash costs nothing."""
+    if final.exists() and not overwrite:
+        raise FileExistsError(
+            f"{final} already exists; pass --overwrite (API: overwrite=True) to replace it, "
+            f"or choose another --out-dir")
+
+
 @contextmanager
 def run_directory(final: Path, overwrite: bool = False):
     """Yield a hidden work folder that becomes ``final`` only if the block succeeds.
@@ -131,10 +140,7 @@ def run_directory(final: Path, overwrite: bool = False):
     An existing ``final`` is an error unless ``overwrite`` (then it is replaced,
     still atomically): a run of the same name may be hours of work.
     """
-    if final.exists() and not overwrite:
-        raise FileExistsError(
-            f"{final} already exists; pass --overwrite (API: overwrite=True) to replace it, "
-            f"or choose another --out-dir")
+    check_not_taken(final, overwrite)
     out_root = final.parent
     try:
         out_root.mkdir(parents=True, exist_ok=True)
