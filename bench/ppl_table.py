@@ -51,6 +51,12 @@ METHODS: dict[str, dict] = {
     "MagR+LDLQ": {"method": "ldlq", "init": "minmax", "magr": True},
     "NeUQI_int+LDLQ": {"method": "ldlq", "init": "neuqi_int"},
     "NeUQI+LDLQ": {"method": "ldlq", "init": "neuqi"},
+    # Beyond the paper (issue 18): per-row choice among inits and least-squares refits.
+    "MSE+LDLQ": {"method": "ldlq", "init": "mse"},
+    "NeUQI_int+LDLQ refit": {"method": "ldlq", "init": "neuqi_int", "refit": 4},
+    "NeUQI_int+LDLQ select+refit": {"method": "ldlq", "init": "neuqi_int", "select": "minmax,mse",
+                                    "refit": 4},
+    "NeUQI+LDLQ refit": {"method": "ldlq", "init": "neuqi", "refit": 4},
     # No weight more than one step beyond the grid (bench/clip_restore.py: why).
     "NeUQI+LDLQ clip1": {"method": "ldlq", "init": "neuqi", "max_clip": 1.0},
 }

@@ -60,6 +60,12 @@ class QuantConfig:
         None, "MagR's alpha (default: 1e-3 channel-wise, 1e-4 grouped)", "--alpha", "--magr-alpha")
     max_clip: float | None = option(
         None, "NeUQI: steps any weight may lie beyond the grid's ends (default: no bound)")
+    select: str = option(
+        "", "further inits tried inside the solver, comma list (e.g. minmax,mse): every row keeps "
+            "the init whose solve leaves it the lowest proxy loss (same kind of zero as --init)")
+    refit: int = option(
+        0, "rounds of least-squares refit of the scales/zeros to the solver's codes on the full H, "
+           "solving again each round (0: the paper's fixed parameters)")
     act_order: bool = option(True, "process columns in decreasing diag(H) order")
     damp: float = option(DEFAULT_DAMP, "Hessian damping, as a fraction of its mean diagonal")
     gguf: str | None = option(
@@ -86,6 +92,15 @@ class QuantConfig:
             raise ValueError(f"--init must be one of {INIT_METHODS}, got {self.init!r}")
         if self.max_clip is not None and (self.init != "neuqi" or not self.max_clip >= 0):
             raise ValueError(f"--max-clip needs --init neuqi and a value >= 0, got {self.max_clip!r}")
+        if self.refit < 0:
+            raise ValueError(f"--refit must be >= 0 rounds, got {self.refit!r}")
+        if bad := [m for m in self.also_inits if m not in INIT_METHODS]:
+            raise ValueError(f"--select {bad}: choose from {INIT_METHODS}")
+        if mixed := [m for m in self.also_inits if (m == "neuqi") != (self.init == "neuqi")]:
+            raise ValueError(f"--select {mixed} would mix float and integer zero-points with "
+                             f"--init {self.init}")
+        if (self.refit or self.also_inits) and (self.method == "rtn" or self.gguf is not None):
+            raise ValueError("--select and --refit need --method gptq or ldlq and no --gguf")
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("--nsamples, --seqlen and --batch-size must be positive")
         if not self.damp > 0:
@@ -102,6 +117,12 @@ class QuantConfig:
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size)
+
+    @property
+    def also_inits(self) -> tuple[str, ...]:
+        """The ``--select`` inits, in order, without repeats or the main init."""
+        names = [m.strip() for m in self.select.split(",") if m.strip()]
+        return tuple(m for i, m in enumerate(names) if m != self.init and m not in names[:i])
 
     @property
     def gguf_type(self) -> GGUFType | None:
@@ -127,6 +148,10 @@ class QuantConfig:
         parts.append(self.init)
         if self.max_clip is not None:
             parts.append(f"clip{self.max_clip:g}")
+        if self.also_inits:
+            parts.append("sel-" + "-".join(self.also_inits))
+        if self.refit:
+            parts.append(f"refit{self.refit}")
         if self.magr:
             parts.append("magr" if self.magr_alpha is None else f"magr{self.magr_alpha:g}")
         # Settings that change the result, named only when not the default so that

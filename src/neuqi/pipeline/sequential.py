@@ -173,6 +173,8 @@ def quantize_linear(lin: nn.Linear, H: Tensor, opts: QuantConfig) -> tuple[Quant
         max_clip=opts.max_clip,
         param_dtype=torch.float16,
         gguf=opts.gguf_type,
+        also_inits=opts.also_inits,
+        refit=opts.refit,
     )
     w_hat = dequantize(res.codes, res.params, spec)
     lin.weight.data.copy_(w_hat.to(lin.weight.dtype))

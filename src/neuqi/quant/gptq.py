@@ -24,6 +24,7 @@ from neuqi.quant.gguf_types import GGUFType, gguf_params
 from neuqi.quant.grid import QuantParams, QuantSpec, check_finite, check_weight, dequantize
 from neuqi.quant.init import InitMethod, init_params
 from neuqi.quant.magr import magr_preprocess
+from neuqi.quant.refit import refit_params, row_losses
 
 Algorithm = Literal["gptq", "ldlq", "rtn"]
 ALGORITHMS: tuple[str, ...] = ("gptq", "ldlq", "rtn")
@@ -167,6 +168,9 @@ def gptq_quantize(
     max_clip: float | None = None,
     param_dtype: torch.dtype | None = None,
     gguf: GGUFType | None = None,
+    also_inits: tuple[str, ...] = (),
+    refit: int = 0,
+    refit_tol: float = 1e-3,
 ) -> GPTQResult:
     """Quantize ``w: [out, in]`` against the second-moment matrix ``H: [in, in]``.
 
@@ -179,6 +183,18 @@ def gptq_quantize(
     ``gguf`` (a llama.cpp block type) chooses the parameters the type can store
     (:func:`~neuqi.quant.gguf_types.gguf_params`, init ``neuqi`` or ``minmax``) and the
     solver rounds on exactly that grid, so its codes are the file's codes.
+
+    Beyond the paper (both measured against the proxy loss the solver leaves, row by
+    row, on the undamped H — the layer's output error; the damping only steadies the
+    solve.  Rows are independent, so the choice is exact):
+
+    * ``also_inits`` — further inits (e.g. ``("minmax", "mse")``) each solved too;
+      every row keeps the parameters whose solve left it the lowest loss.
+    * ``refit`` — up to this many rounds of: refit the parameters to the codes by
+      least squares on the full H (:func:`~neuqi.quant.refit.refit_params`), solve
+      again with them, keep per row the best of (old, refit with old codes, refit
+      with new codes).  Stops early when a round gains less than ``refit_tol`` of
+      the loss.  Integer-zero inits keep integer zeros.
     """
     check_weight(w)
     check_hessian(H, w.shape[1])
@@ -191,6 +207,13 @@ def gptq_quantize(
             raise ValueError("max_clip is not available with GGUF types")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
+    if (also_inits or refit) and (gguf is not None or algorithm == "rtn"):
+        raise ValueError("also_inits and refit need a solver (gptq or ldlq) and no GGUF type")
+    if refit < 0:
+        raise ValueError(f"refit must be >= 0 rounds, got {refit!r}")
+    if mixed := [m for m in also_inits if (m == "neuqi") != (init == "neuqi")]:
+        raise ValueError(f"also_inits {mixed} would mix float and integer zero-points with "
+                         f"init {init!r}; candidates must share the init's kind of zero")
     t0 = time.perf_counter()
     device = w.device
     W = w.float().clone()
@@ -218,9 +241,10 @@ def gptq_quantize(
 
     n = W.shape[1]
     g_idx = spec.group_index(n, device)
-    S, Z = params.expand(spec, n)
     damp_used = damp
+    extra: dict = {}
     if algorithm == "rtn":
+        S, Z = params.expand(spec, n)
         codes = torch.clamp(torch.round(W / S + Z), 0, spec.maxq)
         perm = None
     else:
@@ -228,9 +252,23 @@ def gptq_quantize(
         idx = perm if perm is not None else torch.arange(n, device=device)
         # one gather, and the permuted copy lives only through the factorisation
         F, damp_used = _factor(H[idx[:, None], idx], damp, algorithm)
-        Qp = _solve(W[:, idx], F, S[:, idx], Z[:, idx], spec.maxq, algorithm, block_size)
-        codes = torch.empty_like(Qp)
-        codes[:, idx] = Qp
+
+        def solve(p: QuantParams) -> Tensor:
+            S, Z = p.expand(spec, n)
+            codes = torch.empty_like(W)
+            codes[:, idx] = _solve(W[:, idx], F, S[:, idx], Z[:, idx], spec.maxq, algorithm,
+                                   block_size)
+            return codes
+
+        codes = solve(params)
+        if also_inits or refit:
+            def prepare(p: QuantParams) -> QuantParams:
+                return round_params(p, param_dtype) if param_dtype is not None else p
+
+            params, codes, extra = _improve(
+                W, H.double(), spec, params, codes, solve,
+                [prepare(init_params(W, spec, m, h_diag)) for m in also_inits],
+                refit, refit_tol, int_zero=init != "neuqi", prepare=prepare)
     t_solve = time.perf_counter()
     codes = codes.to(torch.uint8)
     W_hat = dequantize(codes, params, spec)
@@ -241,8 +279,49 @@ def gptq_quantize(
         seconds_init=t_init - t_magr,
         seconds_solve=t_solve - t_init,
         seconds=time.perf_counter() - t0,
+        **extra,
     )
     return GPTQResult(codes=codes, params=params, perm=perm, g_idx=g_idx, stats=stats)
+
+
+def _improve(W, Hd, spec, params, codes, solve, candidates, rounds, tol, *, int_zero, prepare):
+    """Per-row selection among candidate inits, then refit rounds (see gptq_quantize).
+
+    Returns ``(params, codes, stats)``; the loss of every row only ever falls.
+    """
+    def losses(c: Tensor, p: QuantParams) -> Tensor:
+        return row_losses(W, dequantize(c, p, spec), Hd)
+
+    def pick(take: Tensor, a: QuantParams, b: QuantParams) -> QuantParams:
+        t = take[:, None]
+        return QuantParams(torch.where(t, b.scale, a.scale), torch.where(t, b.zero, a.zero))
+
+    loss = losses(codes, params)
+    stats = {"proxy_loss_first": float(loss.sum())}
+    for p in candidates:
+        c = solve(p)
+        new = losses(c, p)
+        take = new < loss
+        params, codes = pick(take, params, p), torch.where(take[:, None], c, codes)
+        loss = torch.minimum(loss, new)
+    stats["proxy_loss_selected"] = float(loss.sum())
+    done = 0
+    for _ in range(rounds):
+        p = prepare(refit_params(codes, W, Hd, spec, params, int_zero))
+        fit = losses(codes, p)
+        c = solve(p)
+        new = losses(c, p)
+        take_new = new < torch.minimum(fit, loss)
+        take_p = take_new | (fit < loss)
+        params = pick(take_p, params, p)
+        codes = torch.where(take_new[:, None], c, codes)
+        before = float(loss.sum())
+        loss = torch.minimum(loss, torch.minimum(fit, new))
+        done += 1
+        if before - float(loss.sum()) <= tol * before:
+            break
+    stats.update(proxy_loss_refit=float(loss.sum()), refit_rounds=done)
+    return params, codes, stats
 
 
 def round_params(params: QuantParams, dtype: torch.dtype) -> QuantParams:
