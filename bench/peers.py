@@ -72,7 +72,7 @@ PEERS = [
 # label -> (method, init, magr): exactly the runs of bench/ppl_table.py, so they are shared
 OURS = METHODS
 # The paper's methods; variants such as "NeUQI+LDLQ clip1" are asked for by name.
-DEFAULT_OURS = [m for m in OURS if "clip" not in m and "refit" not in m and m != "MSE+LDLQ"]
+DEFAULT_OURS = [m for m in OURS if not any(k in m for k in ("clip", "refit", "hpow", "MSE"))]
 DEFAULT_CONFIGS = "3:64,2:64,3:-1,4:-1"  # the claim (2-3 bit) first, so a cut-short run has it
 
 

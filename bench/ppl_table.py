@@ -57,6 +57,9 @@ METHODS: dict[str, dict] = {
     "NeUQI_int+LDLQ select+refit": {"method": "ldlq", "init": "neuqi_int", "select": "minmax,mse",
                                     "refit": 4},
     "NeUQI+LDLQ refit": {"method": "ldlq", "init": "neuqi", "refit": 4},
+    "NeUQI_int+LDLQ hpow0": {"method": "ldlq", "init": "neuqi_int", "h_power": 0.0},
+    "NeUQI_int+LDLQ hpow0.5": {"method": "ldlq", "init": "neuqi_int", "h_power": 0.5},
+    "MSE+LDLQ hpow0": {"method": "ldlq", "init": "mse", "h_power": 0.0},
     # No weight more than one step beyond the grid (bench/clip_restore.py: why).
     "NeUQI+LDLQ clip1": {"method": "ldlq", "init": "neuqi", "max_clip": 1.0},
 }

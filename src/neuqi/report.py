@@ -51,6 +51,12 @@ def method_label(cfg: dict) -> str:
         label = "MagR+" + label
     if cfg.get("max_clip") is not None:
         label += f" clip{cfg['max_clip']:g}"
+    if cfg.get("select"):
+        label += f" select({cfg['select']})"
+    if cfg.get("refit"):
+        label += f" refit{cfg['refit']}"
+    if cfg.get("h_power", 1.0) != 1.0:
+        label += f" diag(H)^{cfg['h_power']:g}"
     if cfg.get("distilled"):
         label += "+distill"
     return label

@@ -173,7 +173,9 @@ def test_run_names_carry_every_setting_that_changes_the_result(calib_file, tmp_p
 
     names = {"base": name(), "damp": name(damp=0.1), "seed": name(seed=3),
              "alpha": name(magr=True, magr_alpha=1e-3), "magr": name(magr=True),
-             "bf16": name(dtype="bfloat16")}
+             "bf16": name(dtype="bfloat16"), "refit": name(refit=2),
+             "select": name(init="neuqi_int", select="mse,minmax,mse"),
+             "int": name(init="neuqi_int"), "hpow": name(h_power=0.5)}
     other = tmp_path / "other" / calib_file.name  # same file name, other text
     other.parent.mkdir()
     other.write_text("different calibration text " * 50)
@@ -181,8 +183,43 @@ def test_run_names_carry_every_setting_that_changes_the_result(calib_file, tmp_p
     assert len(set(names.values())) == len(names)
     assert names["damp"].endswith(".damp0.1") and names["seed"].endswith(".seed3")
     assert names["bf16"].endswith(".bf16") and ".magr0.001" in names["alpha"]
+    assert names["refit"].endswith(".refit2") and names["select"].endswith(".sel-mse-minmax")
+    assert names["hpow"].endswith(".hpow0.5")
     # Defaults keep the short readable name.
     assert ".damp" not in names["base"] and ".seed" not in names["base"] and "bf16" not in names["base"]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"refit": -1}, ">= 0"),
+    ({"select": "minmax,bogus", "init": "neuqi_int"}, "choose from"),
+    ({"select": "minmax"}, "mix float and integer"),
+    ({"refit": 2, "method": "rtn", "init": "minmax"}, "need --method"),
+    ({"h_power": -1.0}, "h-power"),
+])
+def test_bad_refit_and_select_options_are_refused(calib_file, tmp_path, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        tiny_config(tmp_path / "m", calib_file, tmp_path / "runs", **kw)
+
+
+def test_refit_and_select_run_end_to_end_and_lower_the_proxy_loss(calib_file, tmp_path):
+    model = make_tiny_model(tmp_path / "tiny-llama", "llama")
+    plain = quantize_model(tiny_config(model, calib_file, tmp_path / "runs", init="neuqi_int"),
+                           quiet=True)
+    better = quantize_model(tiny_config(model, calib_file, tmp_path / "runs", init="neuqi_int",
+                                        select="minmax,mse", refit=3), quiet=True)
+
+    def losses(run):
+        layers = json.loads((run / "result.json").read_text())["layers"]
+        return {s["name"]: s["quant_loss"] for s in layers}
+
+    a, b = losses(plain), losses(better)
+    assert a.keys() == b.keys()
+    first = [k for k in a if ".0." in k]  # the first layer's inputs are the same in both runs
+    assert first and all(b[k] <= a[k] * (1 + 1e-6) for k in first)
+    assert sum(b.values()) < sum(a.values())
+    cfg = json.loads((better / "result.json").read_text())["config"]
+    assert cfg["refit"] == 3 and cfg["select"] == "minmax,mse"
+    load_model(better)  # integer zeros pack as before: transformers loads the run
 
 
 def test_an_existing_run_is_not_replaced_without_overwrite(calib_file, tmp_path):

@@ -136,3 +136,18 @@ def test_refit_keeps_old_parameters_where_the_fit_is_ill_posed():
     codes = quantize(w, p, spec)
     fit = refit_params(codes, w, torch.eye(16), spec, p, int_zero=False)
     assert torch.isfinite(fit.scale).all() and (fit.scale > 0).all()
+
+
+@pytest.mark.parametrize("init", ["neuqi_int", "mse", "neuqi"])
+def test_h_power_tempers_the_init_weights(init):
+    """``h_power=0`` is the unweighted init; 1 the diag(H)-weighted one (the default)."""
+    w, H = correlated_layer(out=8, n=128, seed=4)
+    spec = QuantSpec(3, 64)
+    flat = gptq_quantize(w, H, spec, init=init, algorithm="rtn", h_power=0.0)
+    assert torch.allclose(flat.params.scale, init_params(w, spec, init).scale)
+    paper = gptq_quantize(w, H, spec, init=init, algorithm="rtn")
+    again = gptq_quantize(w, H, spec, init=init, algorithm="rtn", h_power=1.0)
+    assert torch.equal(paper.params.scale, again.params.scale)
+    assert not torch.allclose(flat.params.scale, paper.params.scale)
+    with pytest.raises(ValueError, match="h_power"):
+        gptq_quantize(w, H, spec, init=init, h_power=-0.5)

@@ -66,6 +66,8 @@ class QuantConfig:
     refit: int = option(
         0, "rounds of least-squares refit of the scales/zeros to the solver's codes on the full H, "
            "solving again each round (0: the paper's fixed parameters)")
+    h_power: float = option(
+        1.0, "the init weighs input j by diag(H)_j ** POWER (1: the paper's; 0: unweighted)")
     act_order: bool = option(True, "process columns in decreasing diag(H) order")
     damp: float = option(DEFAULT_DAMP, "Hessian damping, as a fraction of its mean diagonal")
     gguf: str | None = option(
@@ -92,6 +94,8 @@ class QuantConfig:
             raise ValueError(f"--init must be one of {INIT_METHODS}, got {self.init!r}")
         if self.max_clip is not None and (self.init != "neuqi" or not self.max_clip >= 0):
             raise ValueError(f"--max-clip needs --init neuqi and a value >= 0, got {self.max_clip!r}")
+        if not 0 <= self.h_power <= 4:
+            raise ValueError(f"--h-power must be in [0, 4], got {self.h_power!r}")
         if self.refit < 0:
             raise ValueError(f"--refit must be >= 0 rounds, got {self.refit!r}")
         if bad := [m for m in self.also_inits if m not in INIT_METHODS]:
@@ -152,6 +156,8 @@ class QuantConfig:
             parts.append("sel-" + "-".join(self.also_inits))
         if self.refit:
             parts.append(f"refit{self.refit}")
+        if self.h_power != 1.0:
+            parts.append(f"hpow{self.h_power:g}")
         if self.magr:
             parts.append("magr" if self.magr_alpha is None else f"magr{self.magr_alpha:g}")
         # Settings that change the result, named only when not the default so that

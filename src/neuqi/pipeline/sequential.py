@@ -175,6 +175,7 @@ def quantize_linear(lin: nn.Linear, H: Tensor, opts: QuantConfig) -> tuple[Quant
         gguf=opts.gguf_type,
         also_inits=opts.also_inits,
         refit=opts.refit,
+        h_power=opts.h_power,
     )
     w_hat = dequantize(res.codes, res.params, spec)
     lin.weight.data.copy_(w_hat.to(lin.weight.dtype))

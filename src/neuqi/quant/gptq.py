@@ -171,6 +171,7 @@ def gptq_quantize(
     also_inits: tuple[str, ...] = (),
     refit: int = 0,
     refit_tol: float = 1e-3,
+    h_power: float = 1.0,
 ) -> GPTQResult:
     """Quantize ``w: [out, in]`` against the second-moment matrix ``H: [in, in]``.
 
@@ -183,6 +184,9 @@ def gptq_quantize(
     ``gguf`` (a llama.cpp block type) chooses the parameters the type can store
     (:func:`~neuqi.quant.gguf_types.gguf_params`, init ``neuqi`` or ``minmax``) and the
     solver rounds on exactly that grid, so its codes are the file's codes.
+    ``h_power`` tempers the init's weights to ``diag(H)^p`` (1: the paper's; 0:
+    unweighted, as a weight-only observer): the solver's error feedback moves error
+    onto the low-importance columns, so their grid matters more than diag(H) says.
 
     Beyond the paper (both measured against the proxy loss the solver leaves, row by
     row, on the undamped H — the layer's output error; the damping only steadies the
@@ -211,6 +215,8 @@ def gptq_quantize(
         raise ValueError("also_inits and refit need a solver (gptq or ldlq) and no GGUF type")
     if refit < 0:
         raise ValueError(f"refit must be >= 0 rounds, got {refit!r}")
+    if not 0 <= h_power <= 4:
+        raise ValueError(f"h_power must be in [0, 4], got {h_power!r}")
     if mixed := [m for m in also_inits if (m == "neuqi") != (init == "neuqi")]:
         raise ValueError(f"also_inits {mixed} would mix float and integer zero-points with "
                          f"init {init!r}; candidates must share the init's kind of zero")
@@ -228,7 +234,7 @@ def gptq_quantize(
     # always zero carries none: its damping floor (1 + damp·mean) would outweigh
     # live inputs of small activations and pull the group's grid through its zeroed
     # weights.  The solver keeps the damped H.
-    h_diag = torch.where(dead, 0.0, damped_diagonal(H, damp))
+    h_diag = torch.where(dead, 0.0, damped_diagonal(H, damp) ** h_power)
     if clip is None:
         clip = magr_clip(spec) if (magr and init == "minmax") else 1.0
     if gguf is not None:
