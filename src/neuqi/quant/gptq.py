@@ -185,8 +185,9 @@ def gptq_quantize(
     (:func:`~neuqi.quant.gguf_types.gguf_params`, init ``neuqi`` or ``minmax``) and the
     solver rounds on exactly that grid, so its codes are the file's codes.
     ``h_power`` tempers the init's weights to ``diag(H)^p`` (1: the paper's; 0:
-    unweighted, as a weight-only observer): the solver's error feedback moves error
-    onto the low-importance columns, so their grid matters more than diag(H) says.
+    unweighted, as a weight-only observer).  It tests whether the error feedback,
+    which moves error onto low-importance columns, wants their grid weighed more;
+    on SmolLM2 at 2-bit g64 it did not (docs/results/param-choice-smollm2-135m.md).
 
     Beyond the paper (both measured against the proxy loss the solver leaves, row by
     row, on the undamped H — the layer's output error; the damping only steadies the
@@ -290,13 +291,13 @@ def gptq_quantize(
     return GPTQResult(codes=codes, params=params, perm=perm, g_idx=g_idx, stats=stats)
 
 
-def _improve(W, Hd, spec, params, codes, solve, candidates, rounds, tol, *, int_zero, prepare):
+def _improve(W, H, spec, params, codes, solve, candidates, rounds, tol, *, int_zero, prepare):
     """Per-row selection among candidate inits, then refit rounds (see gptq_quantize).
 
     Returns ``(params, codes, stats)``; the loss of every row only ever falls.
     """
     def losses(c: Tensor, p: QuantParams) -> Tensor:
-        return row_losses(W, dequantize(c, p, spec), Hd)
+        return row_losses(W, dequantize(c, p, spec), H)
 
     def pick(take: Tensor, a: QuantParams, b: QuantParams) -> QuantParams:
         t = take[:, None]
@@ -313,7 +314,7 @@ def _improve(W, Hd, spec, params, codes, solve, candidates, rounds, tol, *, int_
     stats["proxy_loss_selected"] = float(loss.sum())
     done = 0
     for _ in range(rounds):
-        p = prepare(refit_params(codes, W, Hd, spec, params, int_zero))
+        p = prepare(refit_params(codes, W, H, spec, params, int_zero))
         fit = losses(codes, p)
         c = solve(p)
         new = losses(c, p)
