@@ -9,7 +9,10 @@ parameters must themselves be representable:
   sign and ``c = 2^(bits−1)`` fixed.  With ``s = |d|`` and codes 0..maxq that is a fixed
   zero ``z ∈ {c, c − 1}`` (the sign of ``d`` picks which end of the grid is longer).
 
-So a type is a group size of 32 plus a rule for the parameters.  The parameters
+So a type is a group size of 32 plus a rule for the parameters.  The k-quants
+(``Q2_K`` … ``Q6_K``, :mod:`neuqi.quant.kquants`) group 16 or 32 weights into
+super-blocks of 256 whose sub-block steps and mins are small integers times fp16
+super-block factors; the solvers see their sub-blocks as groups.  The parameters
 are returned in *offset form* — ``scale`` and ``offset`` per (row, block), with
 ``ŵ = scale·q + offset`` bit-exactly what llama.cpp's dequantizer computes — and a
 ``zero = −offset/scale`` for the solvers' rounding.
@@ -42,6 +45,22 @@ class GGUFType:
     bits: int
     asymmetric: bool
     block: int = GGUF_BLOCK
+    super_block: int = 0  # k-quants: 256 weights share the fp16 factors d (and dmin)
+    scale_bits: int = 0  # k-quants: bits of each sub-block's integer step (and min)
+
+    @property
+    def is_kquant(self) -> bool:
+        return self.super_block > 0
+
+    @property
+    def row_block(self) -> int:
+        """What a row length must be a multiple of."""
+        return self.super_block or self.block
+
+    @property
+    def subs(self) -> int:
+        """Sub-blocks (groups) per super-block; 1 for the block-32 types."""
+        return self.super_block // self.block if self.is_kquant else 1
 
     @property
     def maxq(self) -> int:
@@ -55,10 +74,13 @@ class GGUFType:
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.block)
 
+    def fits(self, n_in: int) -> bool:
+        return n_in > 0 and n_in % self.row_block == 0
+
     def check_row_length(self, n_in: int, what: str = "weight") -> None:
-        if n_in % self.block:
+        if not self.fits(n_in):
             raise ValueError(
-                f"{what} has {n_in} inputs per row; {self.name} needs a multiple of {self.block}"
+                f"{what} has {n_in} inputs per row; {self.name} needs a multiple of {self.row_block}"
             )
 
 
@@ -70,8 +92,31 @@ GGUF_TYPES: dict[str, GGUFType] = {
         GGUFType("Q5_0", 5, asymmetric=False),
         GGUFType("Q5_1", 5, asymmetric=True),
         GGUFType("Q8_0", 8, asymmetric=False),
+        # ggml-common.h: Q2_K 16×16 (4-bit scale and min), Q3_K 16×16 (6-bit signed
+        # scale), Q4_K/Q5_K 8×32 (6-bit scale and min), Q6_K 16×16 (int8 scale).
+        GGUFType("Q2_K", 2, asymmetric=True, block=16, super_block=256, scale_bits=4),
+        GGUFType("Q3_K", 3, asymmetric=False, block=16, super_block=256, scale_bits=6),
+        GGUFType("Q4_K", 4, asymmetric=True, block=32, super_block=256, scale_bits=6),
+        GGUFType("Q5_K", 5, asymmetric=True, block=32, super_block=256, scale_bits=6),
+        GGUFType("Q6_K", 6, asymmetric=False, block=16, super_block=256, scale_bits=8),
     )
 }
+BLOCK32_TYPES: tuple[str, ...] = tuple(n for n, t in GGUF_TYPES.items() if not t.is_kquant)
+KQUANT_TYPES: tuple[str, ...] = tuple(n for n, t in GGUF_TYPES.items() if t.is_kquant)
+# Where a row length is not a multiple of 256: llama-quantize falls back to Q5_0 for
+# Q4_K, Q5_1 for Q5_K, Q8_0 for Q6_K (llama-quant.cpp), and to the non-uniform
+# IQ4_NL for Q2_K/Q3_K, which no uniform grid can hold: Q4_0 has IQ4_NL's size.
+KQUANT_FALLBACK: dict[str, str] = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0",
+                                   "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def type_for_row(t: GGUFType, n_in: int) -> GGUFType:
+    """``t``, or its block-32 fallback where a row of ``n_in`` inputs cannot take it."""
+    if t.fits(n_in):
+        return t
+    fb = GGUF_TYPES[KQUANT_FALLBACK[t.name]] if t.is_kquant else t
+    fb.check_row_length(n_in)
+    return fb
 GGUF_INITS: tuple[str, ...] = ("neuqi", "minmax")
 
 
@@ -195,6 +240,10 @@ def gguf_params(
     if init not in GGUF_INITS:
         raise ValueError(f"GGUF types take init {GGUF_INITS}, got {init!r}")
     t.check_row_length(w.shape[1])
+    if t.is_kquant:
+        from neuqi.quant.kquants import kquant_params
+
+        return kquant_params(w, t, init, h_diag)
     out = w.shape[0]
     wg, hg, n_blocks = to_groups(w, t.spec, h_diag)
     if t.asymmetric:
@@ -217,6 +266,8 @@ def block_fields(params: QuantParams, t: GGUFType) -> tuple[Tensor, Tensor | Non
     """
     if params.offset is None:
         raise ValueError(f"these parameters were not chosen for a GGUF type; quantize with --gguf {t.name}")
+    if t.is_kquant:
+        raise ValueError(f"{t.name} stores super-block fields: use neuqi.quant.kquants.kquant_fields")
     d = params.scale.float()
     if not torch.equal(_fp16(d), d) or bool((d <= 0).any()):
         raise ValueError(f"scales are not positive fp16 values: not a {t.name} run")
