@@ -15,9 +15,10 @@ largest sub-block step that NeUQI wants) gives each sub-block its two nearest st
 on the lattice, each with its best offset (codes and the weighted-mean offset in
 turn, from NeUQI's own zero) rounded both ways on the ``dmin`` lattice — or, for
 the symmetric types, with both zeros — and the candidate with the lowest
-diag(H)-weighted error over the super-block wins.  Then least squares on the super-block moves ``d`` (and ``dmin``) to the codes, and the
-sub-blocks are chosen again; a step is kept only where it lowers the error.  The
-llama.cpp-style min-max choice is kept wherever it is better.
+diag(H)-weighted error over the super-block wins.  Then least squares on the
+super-block moves ``d`` (and ``dmin``) to the codes, and the sub-blocks are chosen
+again; a step is kept only where it lowers the error.  The llama.cpp-style min-max
+choice is kept wherever it is better.
 
 Parameters come back in offset form (``scale = d·k``, ``offset``) exactly as ggml
 decodes them; :func:`kquant_fields` recovers the stored integers for the writer.
