@@ -136,7 +136,7 @@ def _work_device(device: str | torch.device | None, home: torch.device) -> torch
 
 def _swap_in_quantlinears(model: nn.Module, records: dict[str, QuantizedLinear], quant: QuantConfig) -> None:
     """Replace each quantized ``nn.Linear`` by a ``QuantLinear`` holding its packed codes."""
-    qc = quantization_config(quant.spec, quant.zero_point, quant.act_order, list(records), quant.gguf)
+    qc = quantization_config(quant.spec, quant.zero_point, quant.act_order, records, quant.gguf)
     dtype = model.get_submodule(next(iter(records))).weight.dtype
     replace_linears(model, list(records), qc, dtype)
     for name, rec in records.items():

@@ -127,6 +127,14 @@ def build(cache: Path | str | None = None, jobs: int | None = None) -> Path:
 # ---------------------------------------------------------------- running the tools
 
 
+# Tools that run a model keep the weights in the plain CPU buffers: on CPUs with AMX
+# (seen here on a Xeon with AMX_INT8, GGML_NATIVE build) the AMX buffer type's
+# matmul crashes llama-perplexity with SIGSEGV on every quantized file of a model
+# with 256-wide rows, llama-quantize's own included.  The plain kernels are the
+# ones every other x86 CPU runs.
+COMPUTE_FLAGS = ("--no-repack",)
+
+
 def _threads(threads: int | None) -> str:
     return str(threads or os.cpu_count() or 2)
 
@@ -182,7 +190,8 @@ def perplexity(
     with BOS, and only the second half of each chunk is scored.  ``save_kl_base`` also
     writes every scored token's log-probabilities (see :func:`read_kl_base`).
     """
-    cmd = [str(tool("llama-perplexity")), "-m", str(model), "-c", str(ctx), "-t", _threads(threads)]
+    cmd = [str(tool("llama-perplexity")), "-m", str(model), "-c", str(ctx), "-t", _threads(threads),
+           *COMPUTE_FLAGS]
     if batch:
         cmd += ["-b", str(batch)]
     if kl_base is not None:
@@ -282,7 +291,7 @@ def imatrix(
     # llama-imatrix picks its output format by the file's extension: keep it
     with atomic_path(out, suffix=f".tmp{out.suffix}") as tmp:
         cmd = [str(tool("llama-imatrix")), "-m", str(model), "-f", str(text), "-o", str(tmp),
-               "-c", str(ctx), "-t", _threads(threads)]
+               "-c", str(ctx), "-t", _threads(threads), *COMPUTE_FLAGS]
         if chunks:
             cmd += ["--chunks", str(chunks)]
         return _tool_output(cmd)

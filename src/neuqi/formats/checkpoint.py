@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from neuqi.formats.packing import pack_weight, pack_zeros
 from neuqi.formats.qlinear import replace_linears
+from neuqi.quant.gguf_types import GGUF_TYPES
 from neuqi.quant.grid import QuantParams, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -41,18 +42,23 @@ class QuantizedLinear:
     bits: int
     params: QuantParams
     bias: Tensor | None = None
+    gguf_type: str | None = None  # GGUF runs: this linear's type (types differ per linear)
 
     @classmethod
     def from_codes(
-        cls, codes: Tensor, params: QuantParams, bits: int, bias: Tensor | None = None
+        cls, codes: Tensor, params: QuantParams, bits: int, bias: Tensor | None = None,
+        gguf_type: str | None = None,
     ) -> QuantizedLinear:
         """Pack ``codes: [out, in]`` (on their device, then move the packed words)."""
-        return cls(pack_weight(codes, bits).cpu(), codes.shape[1], bits, params, bias)
+        return cls(pack_weight(codes, bits).cpu(), codes.shape[1], bits, params, bias, gguf_type)
 
 
 def quantization_config(
-    spec: QuantSpec, zero_point: str, act_order: bool, modules: list[str], gguf_type: str | None = None
+    spec: QuantSpec, zero_point: str, act_order: bool, records: dict[str, QuantizedLinear],
+    gguf_type: str | None = None,
 ) -> dict:
+    """``bits``/``group_size`` are the run's; a GGUF run also lists every linear's own
+    type in ``gguf_types`` (overrides and row-length fallbacks make them differ)."""
     qc = {
         "quant_method": "neuqi",
         "bits": spec.bits,
@@ -60,16 +66,18 @@ def quantization_config(
         "zero_point": zero_point,
         "act_order": act_order,
         "format_version": FORMAT_VERSION,
-        "modules": modules,
+        "modules": list(records),
     }
     if gguf_type is not None:
         qc["gguf_type"] = gguf_type
+        qc["gguf_types"] = {n: q.gguf_type or gguf_type for n, q in records.items()}
     return qc
 
 
 def packed_tensors(name: str, q: QuantizedLinear, spec: QuantSpec, zero_point: str) -> dict[str, Tensor]:
-    if q.bits != spec.bits:
-        raise ValueError(f"{name} holds {q.bits}-bit codes, the checkpoint is {spec.bits}-bit")
+    bits = GGUF_TYPES[q.gguf_type].bits if q.gguf_type else spec.bits
+    if q.bits != bits:
+        raise ValueError(f"{name} holds {q.bits}-bit codes, its type is {bits}-bit")
     out = {
         f"{name}.qweight": q.qweight,
         f"{name}.scales": q.params.scale.t().contiguous().to(torch.float16),
@@ -119,8 +127,7 @@ def write_checkpoint(
             continue
         tensors[key] = value.detach().contiguous()
     cfg = model.config.to_dict()
-    cfg["quantization_config"] = quantization_config(spec, zero_point, act_order, list(quantized),
-                                                     gguf_type)
+    cfg["quantization_config"] = quantization_config(spec, zero_point, act_order, quantized, gguf_type)
     _save_sharded(tensors, folder)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
     if tokenizer is not None:

@@ -23,6 +23,8 @@ class NeuqiConfig(QuantizationConfigMixin):
         act_order: bool = True,
         format_version: int = 1,
         modules: list[str] | None = None,
+        gguf_type: str | None = None,
+        gguf_types: dict[str, str] | None = None,
         **kwargs,
     ) -> None:
         self.quant_method = "neuqi"
@@ -32,9 +34,12 @@ class NeuqiConfig(QuantizationConfigMixin):
         self.act_order = act_order
         self.format_version = format_version
         self.modules = list(modules or [])
+        self.gguf_type = gguf_type
+        self.gguf_types = dict(gguf_types or {})  # GGUF runs: each linear's own type
 
     def as_dict(self) -> dict:
-        return {
+        gguf = {"gguf_type": self.gguf_type, "gguf_types": self.gguf_types} if self.gguf_type else {}
+        return gguf | {
             "quant_method": "neuqi",
             "bits": self.bits,
             "group_size": self.group_size,

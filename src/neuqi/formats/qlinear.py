@@ -110,11 +110,16 @@ def replace_linears(model: nn.Module, names: list[str], qc: dict, dtype: torch.d
         lin = getattr(parent, child)
         if not isinstance(lin, nn.Linear):
             raise ValueError(f"checkpoint lists {name} as quantized but it is {type(lin).__name__}")
+        bits, group_size = qc["bits"], qc["group_size"]
+        if ty := qc.get("gguf_types", {}).get(name):  # GGUF runs: each linear its own type
+            from neuqi.quant.gguf_types import gguf_type
+
+            bits, group_size = gguf_type(ty).bits, gguf_type(ty).block
         ql = QuantLinear(
             lin.in_features,
             lin.out_features,
-            qc["bits"],
-            qc["group_size"],
+            bits,
+            group_size,
             qc["zero_point"],
             bias=lin.bias is not None,
             dtype=dtype,

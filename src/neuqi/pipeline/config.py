@@ -71,8 +71,12 @@ class QuantConfig:
     act_order: bool = option(True, "process columns in decreasing diag(H) order")
     damp: float = option(DEFAULT_DAMP, "Hessian damping, as a fraction of its mean diagonal")
     gguf: str | None = option(
-        None, f"quantize for a llama.cpp block type ({' | '.join(GGUF_TYPES)}): it sets the bits and "
+        None, f"quantize for a llama.cpp type ({' | '.join(GGUF_TYPES)}): it sets the bits and "
               "blocks, and the params are the ones the type stores")
+    gguf_tensor: str = option(
+        "", "with --gguf: other types for some linears, comma list of NAME=TYPE where NAME ends "
+            "the module's name (e.g. mlp.down_proj=Q2_K); rows a k-quant cannot take fall back "
+            "to a block-32 type of at least its bits")
     calib: str = option("c4-sample", "calibration text: c4-sample | wiki-extra | c4 | FILE")
     nsamples: int = option(128, "calibration windows")
     seqlen: int = option(2048, "tokens per calibration window")
@@ -87,6 +91,9 @@ class QuantConfig:
                 raise ValueError(f"--gguf {t.name} takes --init {' or '.join(GGUF_INITS)}, got {self.init!r}")
             if self.max_clip is not None:
                 raise ValueError("--max-clip is not available with --gguf")
+        if self.gguf_tensor and self.gguf is None:
+            raise ValueError("--gguf-tensor overrides the type of --gguf: give --gguf TYPE too")
+        self.gguf_tensor = ",".join(f"{n}={t.name}" for n, t in self.tensor_types().items())
         QuantSpec(self.bits, self.group_size)  # validates bits and group size
         if self.method not in ALGORITHMS:
             raise ValueError(f"--method must be one of {ALGORITHMS}, got {self.method!r}")
@@ -132,6 +139,25 @@ class QuantConfig:
     def gguf_type(self) -> GGUFType | None:
         return None if self.gguf is None else gguf_type(self.gguf)
 
+    def tensor_types(self) -> dict[str, GGUFType]:
+        """``--gguf-tensor`` as ``{name suffix: type}`` (clear errors for bad entries)."""
+        out: dict[str, GGUFType] = {}
+        for item in filter(None, (x.strip() for x in self.gguf_tensor.split(","))):
+            name, sep, ty = item.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"--gguf-tensor takes NAME=TYPE entries, got {item!r}")
+            out[name.strip()] = gguf_type(ty)
+        return out
+
+    def requested_gguf_type(self, name: str) -> GGUFType | None:
+        """The GGUF type asked of linear ``name``: its ``--gguf-tensor`` override (the
+        longest matching name suffix) or ``--gguf``."""
+        if self.gguf is None:
+            return None
+        types = self.tensor_types()
+        matches = [k for k in types if name == k or name.endswith("." + k)]
+        return types[max(matches, key=len)] if matches else gguf_type(self.gguf)
+
     @property
     def zero_point(self) -> str:
         if self.gguf is not None:
@@ -147,6 +173,7 @@ class QuantConfig:
         group = "ch" if self.group_size == -1 else f"g{self.group_size}"
         parts = [calib, f"n{self.nsamples}", f"L{self.seqlen}", self.method.upper()]
         parts += [self.gguf] if self.gguf is not None else [f"{self.bits}bit", group]
+        parts += [f"{n}-{t.name}" for n, t in self.tensor_types().items()]
         if self.act_order and self.method != "rtn":
             parts.append("Hsort")
         parts.append(self.init)

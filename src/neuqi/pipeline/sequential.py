@@ -24,6 +24,7 @@ from neuqi.memory import release_freed_memory
 from neuqi.models.adapters import Adapter, decoder_layers
 from neuqi.pipeline.config import QuantConfig
 from neuqi.quant import dequantize, gptq_quantize
+from neuqi.quant.gguf_types import type_for_row
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +158,18 @@ def layer_outputs(layer: nn.Module, batches: list[Batch]) -> list[Batch]:
     return out
 
 
-def quantize_linear(lin: nn.Linear, H: Tensor, opts: QuantConfig) -> tuple[QuantizedLinear, dict]:
-    """Quantize one linear in place (its weight becomes the de-quantized one)."""
-    spec = opts.spec
+def quantize_linear(
+    lin: nn.Linear, H: Tensor, opts: QuantConfig, name: str = ""
+) -> tuple[QuantizedLinear, dict]:
+    """Quantize one linear in place (its weight becomes the de-quantized one).
+
+    ``name`` picks the linear's GGUF type (``--gguf-tensor``, the row-length fallback).
+    """
+    want = opts.requested_gguf_type(name)
+    gguf = None if want is None else type_for_row(want, lin.in_features)
+    spec = opts.spec if gguf is None else gguf.spec
+    if gguf is not want:
+        log.info("%s: rows of %d do not fit %s; quantized as %s", name, lin.in_features, want.name, gguf.name)
     res = gptq_quantize(
         lin.weight.data.float(),
         H,
@@ -172,7 +182,7 @@ def quantize_linear(lin: nn.Linear, H: Tensor, opts: QuantConfig) -> tuple[Quant
         magr_alpha=opts.magr_alpha,
         max_clip=opts.max_clip,
         param_dtype=torch.float16,
-        gguf=opts.gguf_type,
+        gguf=gguf,
         also_inits=opts.also_inits,
         refit=opts.refit,
         h_power=opts.h_power,
@@ -180,7 +190,12 @@ def quantize_linear(lin: nn.Linear, H: Tensor, opts: QuantConfig) -> tuple[Quant
     w_hat = dequantize(res.codes, res.params, spec)
     lin.weight.data.copy_(w_hat.to(lin.weight.dtype))
     bias = lin.bias.detach().cpu().clone() if lin.bias is not None else None
-    record = QuantizedLinear.from_codes(res.codes, res.params.to("cpu"), spec.bits, bias)
+    record = QuantizedLinear.from_codes(res.codes, res.params.to("cpu"), spec.bits, bias,
+                                        gguf_type=None if gguf is None else gguf.name)
+    if gguf is not None:
+        res.stats["gguf_type"] = gguf.name
+        if gguf is not want:
+            res.stats["gguf_fallback_from"] = want.name
     return record, res.stats
 
 
@@ -216,7 +231,7 @@ def quantize_layers(
             H = group_hessian(layer, linears[0], batches)
             for name, lin in zip(group, linears, strict=True):
                 full = f"{adapter.layers}.{i}.{name}"
-                record, st = quantize_linear(lin, H, opts)
+                record, st = quantize_linear(lin, H, opts, full)
                 records[full] = record
                 st.update(name=full, shape=list(lin.weight.shape))
                 stats.append(st)

@@ -1,14 +1,16 @@
 """GGUF export for llama.cpp: our codes and block parameters, written as the type stores them.
 
-A run quantized with ``--gguf TYPE`` holds, per block of 32 weights, exactly the
-step and offset the type stores, and the codes LDLQ chose on that grid; this writer
-only lays them out in ggml's blocks.  Everything llama.cpp needs besides the linears
-(architecture metadata, tokenizer, norms) comes from a *source* GGUF of the same
-model: the file the model was read from, or one that llama.cpp's own
-``convert_hf_to_gguf.py`` wrote.  Embeddings and an untied output head are quantized
-by the ``gguf`` package's reference quantizer at a type the caller chooses (Q8_0 by
-default: llama-quantize's own pick for these tensors at the block-32 types when their
-rows do not fit a k-quant, as with SmolLM2's 576 and Qwen2.5-0.5B's 896).
+A run quantized with ``--gguf TYPE`` holds, per block (or k-quant sub-block), exactly
+the step and offset the type stores, and the codes LDLQ chose on that grid; this
+writer only lays them out in ggml's blocks, each linear at its own type
+(``quantization_config.gguf_types``: overrides and row-length fallbacks).
+Everything llama.cpp needs besides the linears (architecture metadata, tokenizer,
+norms) comes from a *source* GGUF of the same model: the file the model was read
+from, or one that llama.cpp's own ``convert_hf_to_gguf.py`` wrote.  Embeddings and an
+untied output head are quantized by the ``gguf`` package's reference quantizer at a
+type the caller chooses (Q8_0 by default: llama-quantize's own pick for these tensors
+at the block-32 types when their rows do not fit a k-quant, as with SmolLM2's 576 and
+Qwen2.5-0.5B's 896).
 
 The file is written next to its destination, read back with the ``gguf`` package's
 reader and dequantizer (written by llama.cpp's authors) and compared with our
@@ -17,6 +19,7 @@ de-quantized weights bit for bit, and only then renamed into place.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -26,10 +29,11 @@ import torch
 from torch import Tensor
 
 from neuqi.formats.export.source import LinearCodes, read_source
-from neuqi.formats.gguf_blocks import pack_blocks
+from neuqi.formats.gguf_blocks import pack_blocks, pack_kquant_blocks
 from neuqi.io_utils import atomic_path
-from neuqi.quant.gguf_types import GGUF_TYPES, GGUFType, gguf_type
+from neuqi.quant.gguf_types import GGUF_TYPES, GGUFType, block_fields, gguf_type
 from neuqi.quant.grid import QuantParams, dequantize
+from neuqi.quant.kquants import KQuantFields, kquant_fields
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,9 @@ DENSE_TYPES = ("F32", "F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 PERMUTED_ROWS: dict[str, dict[str, str]] = {
     "llama": {"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads"},
 }
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}
+# general.file_type (llama_ftype) of a file whose linears are mostly this type.
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
+              "Q2_K": 10, "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18}
 
 
 def _gguf():
@@ -116,17 +122,24 @@ def _dense_payload(data: np.ndarray, type_name: str) -> tuple[np.ndarray, object
 
 def linear_payload(lin: LinearCodes, t: GGUFType, perm: Tensor | None) -> tuple[np.ndarray, Tensor]:
     """Blocks of one quantized linear, rows in GGUF order; also our de-quantized weight."""
-    from neuqi.quant.gguf_types import block_fields
-
     if lin.offset is None:
         raise ValueError(f"a linear of this run has no block offsets: quantize with --gguf {t.name}")
     params = QuantParams(lin.scale.float(), lin.zero.float(), lin.offset.float())
     w_hat = dequantize(lin.codes, params, t.spec)
-    d, m, flip = block_fields(params, t)
+    if t.is_kquant:
+        fields = kquant_fields(params, t)
+        flip = fields.flip
+    else:
+        d, m, flip = block_fields(params, t)
     codes = lin.codes
     if flip is not None and bool(flip.any()):
-        fl = flip.repeat_interleave(32, dim=1)
+        fl = flip.repeat_interleave(t.block, dim=1)
         codes = torch.where(fl, t.maxq - codes.to(torch.int16), codes.to(torch.int16)).to(torch.uint8)
+    if t.is_kquant:
+        if perm is not None:  # whole rows move: super-blocks stay within their row
+            codes, w_hat = codes[perm], w_hat[perm]
+            fields = KQuantFields(*(getattr(fields, f.name)[perm] for f in dataclasses.fields(fields)))
+        return pack_kquant_blocks(codes, fields, t), w_hat
     if perm is not None:
         codes, d, w_hat = codes[perm], d[perm], w_hat[perm]
         m = None if m is None else m[perm]
@@ -166,6 +179,7 @@ def export_gguf(
         raise ValueError(f"{run_dir.name} was not quantized for a GGUF type (its zero-points are "
                          f"{src.zero_point}); quantize it with --gguf TYPE ({', '.join(GGUF_TYPES)})")
     t = gguf_type(qc["gguf_type"])
+    types = {n: gguf_type(ty) for n, ty in qc.get("gguf_types", {}).items()}
     source = Path(source) if source is not None else source_gguf_for(run_dir)
     reader = open_gguf(source)
     arch = str(_field(reader, "general.architecture"))
@@ -176,15 +190,18 @@ def export_gguf(
 
     payloads: dict[str, tuple[np.ndarray, object]] = {}
     expected: dict[str, Tensor] = {}  # GGUF name -> float weights the file must decode to
+    linear_types: dict[str, str] = {}
     for name, lin in src.linears.items():
         gname = name_map.get_name(name + ".weight", try_suffixes=(".weight",))
         if gname is None or gname not in src_tensors:
             raise ValueError(f"{name} has no tensor in the source GGUF ({source.name})")
         perm = row_permutation(model_type, name, lin.shape[0], src.config)
-        data, w_hat = linear_payload(lin, t, perm)
+        lt = types.get(name, t)
+        data, w_hat = linear_payload(lin, lt, perm)
         if ".0." in name:
             _check_mapping(name, w_hat, src_tensors[gname], gname)
-        payloads[gname] = (data, gguf.GGMLQuantizationType[t.name])
+        payloads[gname] = (data, gguf.GGMLQuantizationType[lt.name])
+        linear_types[gname] = lt.name
         expected[gname] = w_hat
         if lin.bias is not None:
             b = lin.bias if perm is None else lin.bias[perm]
@@ -209,8 +226,9 @@ def export_gguf(
         result = verify_gguf(tmp, expected) if check else {"ok": None, "skipped": "--no-verify"}
         if check and not result["ok"]:
             raise RuntimeError(f"the GGUF export failed verification; nothing written: {result}")
-    result.update(export=str(out), type=t.name, embedding_type=embed_type, output_type=output_type,
-                  source_gguf=str(source), bytes=out.stat().st_size)
+    counts = {ty: list(linear_types.values()).count(ty) for ty in sorted(set(linear_types.values()))}
+    result.update(export=str(out), type=t.name, linear_types=counts, embedding_type=embed_type,
+                  output_type=output_type, source_gguf=str(source), bytes=out.stat().st_size)
     return result
 
 
