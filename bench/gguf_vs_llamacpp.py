@@ -2,10 +2,14 @@
 
     python bench/gguf_vs_llamacpp.py [--model smollm2-135m] [--types Q4_0,Q5_0,Q4_1]
         [--nsamples 32 --seqlen 512] [--ctx 512 --chunks 40] [--rows llama,llama-imatrix,neuqi,rtn]
+    python bench/gguf_vs_llamacpp.py --types Q8_0+ffn_down=Q3_K,Q8_0+ffn_down=Q2_K
 
 Same FP GGUF in (the de-quantized float model written with the source GGUF's
 metadata, F32), every linear at the same type in both tools (``llama-quantize --pure``)
-and the token embedding / output head at Q8_0 in both.  Rows per type:
+and the token embedding / output head at Q8_0 in both.  A type ``BASE+NAME=TYPE``
+puts the tensors named ``NAME`` (GGUF names: ffn_down, attn_v, ...) at ``TYPE`` and
+every other linear at ``BASE`` in both tools (``--tensor-type`` / ``--gguf-tensor``).
+Rows per type:
 
 * ``llama``: ``llama-quantize --pure`` (its own block search, no importance matrix);
 * ``llama-imatrix``: the same with ``llama-imatrix`` computed on our calibration windows
@@ -90,17 +94,35 @@ def timed(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
+# GGUF tensor names of a decoder layer's linears → the transformers module suffix.
+HF_LINEAR = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+
+
+def parse_type(spec: str) -> tuple[str, dict[str, str]]:
+    """``Q8_0+ffn_down=Q3_K`` → ``("Q8_0", {"ffn_down": "Q3_K"})``."""
+    base, *over = spec.split("+")
+    pairs = dict(o.split("=", 1) for o in over)
+    if bad := sorted(set(pairs) - set(HF_LINEAR)):
+        raise SystemExit(f"unknown tensor name(s) {bad}; choose from {sorted(HF_LINEAR)}")
+    return base, pairs
+
+
 def neuqi_gguf(model: str, t: str, method: str, init: str, args, work: Path) -> tuple[Path, float, float]:
     """Quantize with neuqi for type ``t`` and export; returns (file, quantize s, export s)."""
     from neuqi.pipeline.config import RunConfig
 
-    cfg = RunConfig(model=model, gguf=t, method=method, init=init, nsamples=args.nsamples,
-                    seqlen=args.seqlen, out_dir=str(work / "runs"))
+    base, over = parse_type(t)
+    gguf_tensor = ",".join(f"{HF_LINEAR[n]}={ty}" for n, ty in over.items())
+    cfg = RunConfig(model=model, gguf=base, gguf_tensor=gguf_tensor, method=method, init=init,
+                    nsamples=args.nsamples, seqlen=args.seqlen, out_dir=str(work / "runs"))
     run_dir = work / "runs" / cfg.run_name
-    out = work / f"neuqi-{method}-{init}-{t}.gguf"
+    out = work / f"neuqi-{method}-{init}-{t.replace('+', '-').replace('=', '-')}.gguf"
     q_s = e_s = 0.0
     if not (run_dir / "result.json").exists():
-        q_s = timed([*NEUQI, "quantize", model, "--gguf", t, "--method", method, "--init", init,
+        q_s = timed([*NEUQI, "quantize", model, "--gguf", base, "--gguf-tensor", gguf_tensor,
+                     "--method", method, "--init", init,
                      "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                      "--out-dir", str(work / "runs"), "--eval", "", "-q"], work / f"{out.stem}.quantize.log")
     if not out.exists():
@@ -227,11 +249,13 @@ def main() -> None:
                 continue
             try:
                 if row.startswith("llama"):
-                    out = work / f"{row}-{t}.gguf"
+                    out = work / f"{row}-{t.replace('+', '-').replace('=', '-')}.gguf"
                     if not out.exists():
                         t0 = time.perf_counter()
                         im = imatrix if row == "llama-imatrix" else None
-                        llamacpp.quantize(fp_gguf, out, t, imatrix=im, embed_type="Q8_0", output_type="Q8_0")
+                        base, over = parse_type(t)
+                        llamacpp.quantize(fp_gguf, out, base, imatrix=im, embed_type="Q8_0",
+                                          output_type="Q8_0", tensor_types=over)
                         rec["quantize_s"] = time.perf_counter() - t0
                         save()
                 else:

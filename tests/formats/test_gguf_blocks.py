@@ -8,8 +8,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neuqi.formats.gguf_blocks import BLOCK_BYTES, pack_blocks, unpack_blocks
-from neuqi.quant.gguf_types import GGUF_TYPES
+from neuqi.formats.gguf_blocks import (
+    BLOCK_BYTES,
+    KQUANT_BLOCK_BYTES,
+    pack_blocks,
+    pack_kquant_blocks,
+    unpack_blocks,
+)
+from neuqi.quant.gguf_types import BLOCK32_TYPES, GGUF_TYPES, KQUANT_TYPES
+from neuqi.quant.kquants import KQuantFields, scale_levels
 
 gguf = pytest.importorskip("gguf")
 
@@ -32,7 +39,7 @@ def _expected(codes, d, m, t) -> np.ndarray:
 
 @settings(max_examples=25, deadline=None)
 @given(
-    name=st.sampled_from(list(GGUF_TYPES)),
+    name=st.sampled_from(BLOCK32_TYPES),
     out=st.integers(1, 7),
     nb=st.integers(1, 5),
     seed=st.integers(0, 2**16),
@@ -55,3 +62,56 @@ def test_pack_refuses_bad_rows() -> None:
         pack_blocks(torch.zeros(2, 40, dtype=torch.uint8), torch.ones(2, 1), torch.zeros(2, 1), t)
     with pytest.raises(ValueError, match="min per block"):
         pack_blocks(torch.zeros(2, 32, dtype=torch.uint8), torch.ones(2, 1), None, t)
+
+
+def _random_kquant(t, out: int, ns: int, seed: int) -> tuple[torch.Tensor, KQuantFields]:
+    """Random codes and every stored field over its whole range (signed scales, flips)."""
+    g = torch.Generator().manual_seed(seed)
+    ng = ns * t.subs
+    codes = torch.randint(0, t.maxq + 1, (out, ng * t.block), generator=g).to(torch.uint8)
+    d = (torch.rand(out, ns, generator=g) * 0.01 + 1e-4).half().float()
+    k_pos, k_neg = scale_levels(t)
+    if t.asymmetric:
+        k = torch.randint(0, k_pos + 1, (out, ng), generator=g).float()
+        m = torch.randint(0, k_pos + 1, (out, ng), generator=g).float()
+        dmin = (torch.rand(out, ns, generator=g) * 0.01).half().float()
+        flip = torch.zeros(out, ng, dtype=torch.bool)
+    else:
+        k = torch.randint(-k_neg, k_pos + 1, (out, ng), generator=g).float()
+        m, dmin, flip = torch.zeros(out, ng), torch.zeros(out, ns), k < 0
+    return codes, KQuantFields(d, dmin, k, m, flip)
+
+
+def _kquant_expected(codes, f: KQuantFields, t) -> np.ndarray:
+    """ggml's formula: ``d·k·q − dmin·m`` or ``d·k·(q − c)``, per sub-block, float32."""
+    out = codes.shape[0]
+    q = codes.float().reshape(out, -1, t.block)
+    dk = (f.d.repeat_interleave(t.subs, dim=1) * f.k)[..., None]
+    if t.asymmetric:
+        w = dk * q - (f.dmin.repeat_interleave(t.subs, dim=1) * f.m)[..., None]
+    else:
+        w = dk * (q - t.centre)
+    return w.reshape(codes.shape).numpy()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    name=st.sampled_from(KQUANT_TYPES),
+    out=st.integers(1, 4),
+    ns=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_kquant_pack_is_what_gguf_dequantizes(name: str, out: int, ns: int, seed: int) -> None:
+    t = GGUF_TYPES[name]
+    codes, f = _random_kquant(t, out, ns, seed)
+    raw = pack_kquant_blocks(codes, f, t)
+    assert raw.shape == (out, ns * KQUANT_BLOCK_BYTES[name]) and raw.dtype == np.uint8
+    ref = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, name))
+    np.testing.assert_array_equal(ref.astype(np.float32).reshape(out, -1), _kquant_expected(codes, f, t))
+
+
+def test_kquant_pack_refuses_bad_rows() -> None:
+    t = GGUF_TYPES["Q4_K"]
+    codes, f = _random_kquant(t, 2, 1, 0)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        pack_kquant_blocks(codes[:, :128], f, t)

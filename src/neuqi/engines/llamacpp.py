@@ -264,11 +264,14 @@ def read_kl_base(path: Path) -> KLBase:
 def quantize(
     src: Path, dst: Path, type_name: str, *, imatrix: Path | None = None, pure: bool = True,
     embed_type: str | None = None, output_type: str | None = None, threads: int | None = None,
+    tensor_types: dict[str, str] | None = None,
 ) -> str:
     """``llama-quantize`` ``src`` → ``dst`` at ``type_name``; returns its log.
 
     ``pure`` quantizes every linear at ``type_name`` (no preset mixing); the token
-    embedding and output head take ``embed_type``/``output_type`` when given.
+    embedding and output head take ``embed_type``/``output_type`` when given;
+    ``tensor_types`` (``{"ffn_down": "Q3_K"}``) sets the type of the tensors whose
+    GGUF names match.
     """
     cmd = [str(tool("llama-quantize"))]
     if pure:
@@ -279,6 +282,8 @@ def quantize(
         cmd += ["--token-embedding-type", embed_type.lower()]
     if output_type:
         cmd += ["--output-tensor-type", output_type.lower()]
+    for name, ty in (tensor_types or {}).items():
+        cmd += ["--tensor-type", f"{name}={ty.lower()}"]
     with atomic_path(dst) as tmp:
         return _tool_output([*cmd, str(src), str(tmp), type_name, _threads(threads)])
 

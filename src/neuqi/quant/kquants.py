@@ -41,6 +41,7 @@ from neuqi.quant.init import _chunked_scale_sweep, _init_neuqi, group_loss, to_g
 D_FACTORS = (1.0, 1.03, 1.07, 1.12, 1.18, 1.26, 1.36, 1.5, 1.7)
 DMIN_FACTORS = (1.0, 1.08, 1.2)
 LS_ROUNDS = 2
+LOCAL = 2  # sub-block integers tried around the chosen ones (asymmetric types)
 # Alternations of codes and offset per candidate step: on heavy-tailed rows as good as
 # the exact restricted zero sweep (Q4_K 0.6616 vs 0.6623 of min-max's error) at a
 # fraction of its cost (Q2_K 16 s -> 0.8 s on 96 x 1536).
@@ -150,7 +151,30 @@ def _asym(wg: Tensor, hg: Tensor, t: GGUFType, init: str) -> tuple[Tensor, Tenso
     for _ in range(LS_ROUNDS):  # least squares on the super-block, then choose again
         d, dmin = _ls_asym(wg, hg, best.scale, best.offset, t)
         best.offer(*_asym_pick(wg, hg, s, d, [dmin], t, m))
+        _local_asym(wg, hg, best, t)
     return best.scale, best.offset
+
+
+def _local_asym(wg: Tensor, hg: Tensor, best: _Best, t: GGUFType) -> None:
+    """Each sub-block's best integers within ±LOCAL of its current ``(k, m)`` for the
+    super-block's current ``(d, dmin)``: the picks above only try the lattice steps
+    around NeUQI's unconstrained step, and with the offset on a lattice too the best
+    pair can lie a step or two away."""
+    maxq, (K, _) = t.maxq, scale_levels(t)
+    d, dmin = _factors(best.scale, best.offset, t)
+    k0 = torch.round(best.scale / d)
+    m0 = torch.where(dmin > 0, torch.round(-best.offset / dmin.clamp_min(1e-30)), torch.zeros_like(d))
+    loss_g = _offset_loss(wg, hg, best.scale, best.offset, maxq)
+    sc_g, off_g = best.scale, best.offset
+    for dk in range(-LOCAL, LOCAL + 1):
+        scale = d * (k0 + dk).clamp(1, K)
+        for dm in range(-LOCAL, LOCAL + 1):
+            off = -(dmin * (m0 + dm).clamp(0, K))
+            loss = _offset_loss(wg, hg, scale, off, maxq)
+            better = loss < loss_g
+            loss_g = torch.where(better, loss, loss_g)
+            sc_g, off_g = torch.where(better, scale, sc_g), torch.where(better, off, off_g)
+    best.offer(loss_g, sc_g, off_g)
 
 
 def _minmax_asym(wg, hg, t, s: Tensor, m: Tensor) -> _Best:
