@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from neuqi.cli import app
@@ -101,3 +102,48 @@ def test_quantize_for_a_gguf_type_stores_what_the_type_stores(calib_file, tmp_pa
     assert res.exit_code == 2 and "neuqi or minmax" in res.output
     res = runner.invoke(app, ["export", str(run_dir), "-f", "hqq", "--out", str(tmp_path / "h")])
     assert res.exit_code == 2 and "--format gguf" in res.output
+
+
+def test_gguf_tensor_overrides_and_row_fallbacks(calib_file, tmp_path):
+    """--gguf Q3_K on rows of 256 and of 64: k-quant where the row fits, Q4_0 where it
+    does not, --gguf-tensor for one projection; each linear's type is recorded, the run
+    loads with the logits of the model it quantized, and its name says the override."""
+    import torch
+
+    import neuqi
+    from neuqi.formats.export.source import read_source
+    from neuqi.pipeline.config import RunConfig
+    from neuqi.quant.gguf_types import GGUF_TYPES, block_fields
+    from neuqi.quant.grid import QuantParams
+    from neuqi.quant.kquants import kquant_fields
+
+    model = make_tiny_model(tmp_path / "tiny", "llama", hidden=64, intermediate=256)
+    out = tmp_path / "runs"
+    res = runner.invoke(app, ["quantize", str(model), "--gguf", "Q3_K", "--gguf-tensor", "mlp.up_proj=Q6_K",
+                              "--calib", str(calib_file), "--nsamples", "4", "--seqlen", "64",
+                              "--out-dir", str(out), "--device", "cpu", "-q"])
+    assert res.exit_code == 0, res.output
+    (run_dir,) = out.glob("tiny.calib-*.LDLQ.Q3_K.mlp.up_proj-Q6_K.Hsort.neuqi")
+    qc = json.loads((run_dir / "config.json").read_text())["quantization_config"]
+    types = qc["gguf_types"]
+    # down_proj's rows are 256 long: Q3_K; up_proj (rows of 64) asked Q6_K, falls back to Q8_0
+    assert types["model.layers.0.mlp.down_proj"] == "Q3_K"
+    assert types["model.layers.0.mlp.up_proj"] == "Q8_0"
+    assert types["model.layers.1.self_attn.q_proj"] == "Q4_0"
+    layers = {s["name"]: s for s in json.loads((run_dir / "result.json").read_text())["layers"]}
+    up = layers["model.layers.0.mlp.up_proj"]  # the fallback is recorded with what was asked
+    assert up["gguf_type"] == "Q8_0" and up["gguf_fallback_from"] == "Q6_K"
+    assert "gguf_fallback_from" not in layers["model.layers.0.mlp.down_proj"]
+    for name, lin in read_source(run_dir).linears.items():
+        t = GGUF_TYPES[types[name]]
+        p = QuantParams(lin.scale.float(), lin.zero.float(), lin.offset.float())
+        kquant_fields(p, t) if t.is_kquant else block_fields(p, t)  # storable as recorded
+    ids = torch.randint(0, 300, (1, 16))
+    assert torch.isfinite(neuqi.load(run_dir)(ids).logits).all()
+
+    with pytest.raises(ValueError, match="give --gguf TYPE"):
+        RunConfig(model=str(model), gguf_tensor="mlp.down_proj=Q2_K")
+    with pytest.raises(ValueError, match="NAME=TYPE"):
+        RunConfig(model=str(model), gguf="Q8_0", gguf_tensor="mlp.down_proj")
+    with pytest.raises(ValueError, match="choose one of"):
+        RunConfig(model=str(model), gguf="Q8_0", gguf_tensor="mlp.down_proj=Q7_K")
