@@ -103,3 +103,13 @@ def test_resume_continues_from_the_saved_state(setup, monkeypatch):
     assert [c["step"] for c in res["distill"]["curve"]] == list(range(1, 13))
     assert calls["n"] == -1000 + 8  # steps 5..12 only
     assert not (tmp / "d" / f".{cfg.run_name()}.state.pt").exists()
+
+
+def test_a_gguf_run_is_not_distilled(setup):
+    tmp, model, calib, _ = setup
+    cfg = RunConfig(model=str(model), gguf="Q4_0", method="rtn", calib=str(calib), nsamples=2, seqlen=32,
+                    out_dir=str(tmp / "runs"), device="cpu")
+    run = quantize_model(cfg, quiet=True)
+    with pytest.raises(ValueError, match="quantized for GGUF Q4_0"):
+        distill_run(DistillConfig(run=str(run), teacher=str(model), data=str(calib), nsamples=2, seqlen=32),
+                    quiet=True)
