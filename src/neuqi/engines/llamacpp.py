@@ -14,6 +14,7 @@ are missing); ``... convert HF_FOLDER OUT.gguf`` writes an F16/F32 GGUF.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -320,6 +321,9 @@ def convert(hf_folder: Path, out: Path, outtype: str = "f32") -> Path:
     script = source_dir() / "convert_hf_to_gguf.py"
     if not script.is_file():
         raise FileNotFoundError(f"{script} is missing; run `python -m neuqi.engines.llamacpp build` first")
+    if importlib.util.find_spec("sentencepiece") is None:  # the converter imports it for every vocab
+        raise RuntimeError("llama.cpp's convert_hf_to_gguf.py needs sentencepiece: "
+                           "pip install 'neuqi[export]'")
     with atomic_path(out) as tmp:
         _tool_output([sys.executable, str(script), str(hf_folder), "--outfile", str(tmp),
                       "--outtype", outtype])
