@@ -152,6 +152,13 @@ def _neighbours16(s: Tensor, signed: bool = False) -> list[Tensor]:
     return [s, torch.where(ok_down, down, s), torch.where(torch.isfinite(up), up, s)]
 
 
+def keep_lower(best: tuple[Tensor, ...], cand: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Elementwise ``cand`` where its loss (the first entry) is below ``best``'s: the
+    step of every search here that keeps, per group, the best candidate so far."""
+    better = cand[0] < best[0]
+    return tuple(torch.where(better, c, b) for c, b in zip(cand, best, strict=True))
+
+
 def _offset_loss(wg: Tensor, hg: Tensor, scale: Tensor, offset: Tensor, maxq: int) -> Tensor:
     """``Σ h (w − (s·q + m))²`` per block row with RTN codes, in offset form."""
     s, m = scale[:, None], offset[:, None]
@@ -210,7 +217,7 @@ def _fixed_zero_lloyd(
     of a geometric grid of steps below ``s0: [G]`` (the weighted objective often clips
     a block's rare large weights), then alternating codes and the least-squares step
     ``Σh·w·(q−z) / Σh·(q−z)²`` (each step never raises the loss)."""
-    best_s = best_z = best_l = None
+    best = None
     for j in range(zeros.shape[1]):
         z = zeros[:, j]
         s, loss = s0, group_loss(wg, hg, s0, z, maxq)
@@ -223,14 +230,9 @@ def _fixed_zero_lloyd(
             num, den = (hg * wg * c).sum(dim=1), (hg * c * c).sum(dim=1)
             new = num / den.clamp_min(1e-30)
             s = torch.where((den > 0) & (new > 0) & torch.isfinite(new), new, s)
-        loss = group_loss(wg, hg, s, z, maxq)
-        if best_l is None:
-            best_s, best_z, best_l = s, z.clone(), loss
-        else:
-            better = loss < best_l
-            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
-            best_l = torch.minimum(loss, best_l)
-    return best_s, best_z
+        cand = (group_loss(wg, hg, s, z, maxq), s, z)
+        best = cand if best is None else keep_lower(best, cand)
+    return best[1], best[2]
 
 
 def _symmetric(wg: Tensor, hg: Tensor, t: GGUFType, init: str) -> tuple[Tensor, Tensor]:

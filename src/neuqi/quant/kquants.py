@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from neuqi.quant.gguf_types import GGUFType, _fp16, _fp16_step, _offset_loss
+from neuqi.quant.gguf_types import GGUFType, _fp16, _fp16_step, _offset_loss, keep_lower
 from neuqi.quant.grid import QuantParams
 from neuqi.quant.init import _chunked_scale_sweep, _init_neuqi, group_loss, to_groups
 
@@ -119,16 +119,12 @@ def _asym_pick(wg, hg, s, d, dmin_cands, t, m0) -> tuple[Tensor, Tensor, Tensor]
     best = _Best(wg.shape[0] // t.subs, t.subs, wg.device)
     picks = [(d * k, -_fit_offset(wg, hg, d * k, -m0, reach, maxq)) for k in _lattice(s, d, 1, K)]
     for dmin in dmin_cands:
-        loss_g = torch.full_like(s, float("inf"))
-        sc_g, off_g = torch.ones_like(s), torch.zeros_like(s)
+        kept = (torch.full_like(s, float("inf")), torch.ones_like(s), torch.zeros_like(s))
         for scale, m in picks:
             for mn in _lattice(m, dmin, 0, K):
                 off = -(dmin * mn)
-                loss = _offset_loss(wg, hg, scale, off, maxq)
-                better = loss < loss_g
-                loss_g = torch.where(better, loss, loss_g)
-                sc_g, off_g = torch.where(better, scale, sc_g), torch.where(better, off, off_g)
-        best.offer(loss_g, sc_g, off_g)
+                kept = keep_lower(kept, (_offset_loss(wg, hg, scale, off, maxq), scale, off))
+        best.offer(*kept)
     return best.loss_g, best.scale, best.offset
 
 
@@ -164,17 +160,13 @@ def _local_asym(wg: Tensor, hg: Tensor, best: _Best, t: GGUFType) -> None:
     d, dmin = _factors(best.scale, best.offset, t)
     k0 = torch.round(best.scale / d)
     m0 = torch.where(dmin > 0, torch.round(-best.offset / dmin.clamp_min(1e-30)), torch.zeros_like(d))
-    loss_g = _offset_loss(wg, hg, best.scale, best.offset, maxq)
-    sc_g, off_g = best.scale, best.offset
+    kept = (_offset_loss(wg, hg, best.scale, best.offset, maxq), best.scale, best.offset)
     for dk in range(-LOCAL, LOCAL + 1):
         scale = d * (k0 + dk).clamp(1, K)
         for dm in range(-LOCAL, LOCAL + 1):
             off = -(dmin * (m0 + dm).clamp(0, K))
-            loss = _offset_loss(wg, hg, scale, off, maxq)
-            better = loss < loss_g
-            loss_g = torch.where(better, loss, loss_g)
-            sc_g, off_g = torch.where(better, scale, sc_g), torch.where(better, off, off_g)
-    best.offer(loss_g, sc_g, off_g)
+            kept = keep_lower(kept, (_offset_loss(wg, hg, scale, off, maxq), scale, off))
+    best.offer(*kept)
 
 
 def _minmax_asym(wg, hg, t, s: Tensor, m: Tensor) -> _Best:
@@ -226,17 +218,12 @@ def _sym_pick(wg, hg, targets, d, t) -> tuple[Tensor, Tensor, Tensor]:
     steps around it.  Returns ``(loss, scale, zero)``.
     """
     c = t.centre
-    loss_g = torch.full_like(d, float("inf"))
-    sc_g, z_g = torch.ones_like(d), torch.full_like(d, float(c))
+    kept = (torch.full_like(d, float("inf")), torch.ones_like(d), torch.full_like(d, float(c)))
     for zero, k_max, s in zip((c, c - 1), scale_levels(t), targets, strict=True):
         z = torch.full_like(d, float(zero))
         for k in _lattice(s, d, 1, k_max):
-            scale = d * k
-            loss = group_loss(wg, hg, scale, z, t.maxq)
-            better = loss < loss_g
-            loss_g = torch.where(better, loss, loss_g)
-            sc_g, z_g = torch.where(better, scale, sc_g), torch.where(better, z, z_g)
-    return loss_g, sc_g, z_g
+            kept = keep_lower(kept, (group_loss(wg, hg, d * k, z, t.maxq), d * k, z))
+    return kept
 
 
 def _sym(wg: Tensor, hg: Tensor, t: GGUFType, init: str) -> tuple[Tensor, Tensor]:
