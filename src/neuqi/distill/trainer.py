@@ -102,16 +102,14 @@ def distill_run(cfg: DistillConfig, quiet: bool = False, resume: bool = False) -
     final = out_root / cfg.run_name()
     state_path = out_root / f".{cfg.run_name()}.state.pt"
 
-    qc = json.loads((src / "config.json").read_text()).get("quantization_config", {}) \
-        if (src / "config.json").exists() else {}
+    student = load_quantized(src, dtype=torch.float32)
+    qc = dict(student.quantization_config)
     if qc.get("zero_point") == "offset":  # trained scales would leave the type's lattice
         raise ValueError(f"{src.name} was quantized for GGUF {qc.get('gguf_type')}: its steps and offsets "
                          "are what the type stores, and distillation would move them off it; "
                          "distill a run quantized without --gguf")
     tokenizer = load_tokenizer(cfg.teacher)
     teacher = load_model(cfg.teacher, torch.float32).eval()
-    student = load_quantized(src, dtype=torch.float32)
-    qc = dict(student.quantization_config)
     windows = sample_windows(tokenize(load_text(cfg.data), tokenizer), cfg.nsamples, cfg.seqlen, cfg.seed)
 
     before = {}

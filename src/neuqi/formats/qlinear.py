@@ -114,7 +114,8 @@ def replace_linears(model: nn.Module, names: list[str], qc: dict, dtype: torch.d
         if ty := qc.get("gguf_types", {}).get(name):  # GGUF runs: each linear its own type
             from neuqi.quant.gguf_types import gguf_type
 
-            bits, group_size = gguf_type(ty).bits, gguf_type(ty).block
+            t = gguf_type(ty)
+            bits, group_size = t.bits, t.block
         ql = QuantLinear(
             lin.in_features,
             lin.out_features,
