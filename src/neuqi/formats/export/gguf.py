@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -190,7 +191,7 @@ def export_gguf(
 
     payloads: dict[str, tuple[np.ndarray, object]] = {}
     expected: dict[str, Tensor] = {}  # GGUF name -> float weights the file must decode to
-    linear_types: dict[str, str] = {}
+    linear_types: Counter[str] = Counter()  # linears per type
     for name, lin in src.linears.items():
         gname = name_map.get_name(name + ".weight", try_suffixes=(".weight",))
         if gname is None or gname not in src_tensors:
@@ -201,7 +202,7 @@ def export_gguf(
         if ".0." in name:
             _check_mapping(name, w_hat, src_tensors[gname], gname)
         payloads[gname] = (data, gguf.GGMLQuantizationType[lt.name])
-        linear_types[gname] = lt.name
+        linear_types[lt.name] += 1
         expected[gname] = w_hat
         if lin.bias is not None:
             b = lin.bias if perm is None else lin.bias[perm]
@@ -226,9 +227,9 @@ def export_gguf(
         result = verify_gguf(tmp, expected) if check else {"ok": None, "skipped": "--no-verify"}
         if check and not result["ok"]:
             raise RuntimeError(f"the GGUF export failed verification; nothing written: {result}")
-    counts = {ty: list(linear_types.values()).count(ty) for ty in sorted(set(linear_types.values()))}
-    result.update(export=str(out), type=t.name, linear_types=counts, embedding_type=embed_type,
-                  output_type=output_type, source_gguf=str(source), bytes=out.stat().st_size)
+    result.update(export=str(out), type=t.name, linear_types=dict(sorted(linear_types.items())),
+                  embedding_type=embed_type, output_type=output_type, source_gguf=str(source),
+                  bytes=out.stat().st_size)
     return result
 
 
