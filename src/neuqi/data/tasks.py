@@ -1,8 +1,11 @@
 """Offline zero-shot tasks for lm-evaluation-harness, built from registry packages.
 
-* ``bigbench_*``: multiple-choice sets from the ``bigbench==1.0.0`` sdist on PyPI
+* ``bigbench_*``: multiple-choice sets from the ``bigbench==1.0.0`` sdist
   (``task.json`` files), prompted the way BIG-bench formats them (task prefix,
-  ``Q:``/``A:`` prefixes, choices appended where the task asks for it);
+  ``Q:``/``A:`` prefixes, choices appended where the task asks for it). PyPI stopped
+  serving that file in December 2026 (HTTP 403; the index lists only 0.0.1): a copy in
+  ``<cache>/downloads/`` or at ``$NEUQI_BIGBENCH_SDIST`` is used, checked by sha256;
+  without one these tasks are left out with a warning and the others are built;
 * ``austen_lambada``: LAMBADA-style last-word prediction on the held-out Jane Austen
   novels (``austen-test``): passages whose final word already occurred in the passage,
   so context makes it predictable.
@@ -16,9 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import tarfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -59,15 +64,38 @@ def tasks_dir(cache: Path) -> Path:
 
 
 # ------------------------------------------------------------------ BIG-bench
+class BigBenchUnavailable(RuntimeError):
+    """The BIG-bench sdist is neither cached, nor given, nor downloadable."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _bigbench_sdist(cache: Path) -> Path:
-    """The pinned sdist (358 MB), downloaded from PyPI once and checked by sha256.
+    """The pinned sdist (358 MB): ``$NEUQI_BIGBENCH_SDIST``, else the cached copy, else PyPI.
 
     ``pip download`` cannot be used: it builds the sdist's metadata, which fails on a
     direct-URL dependency of the package; we only need its data files."""
     name, url, sha = BIGBENCH_SDIST
+    given = os.environ.get("NEUQI_BIGBENCH_SDIST")
+    if given:
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise BigBenchUnavailable(f"NEUQI_BIGBENCH_SDIST={given} is not a file")
+        if _sha256(path) != sha:
+            raise BigBenchUnavailable(f"NEUQI_BIGBENCH_SDIST={given} is not {name} (sha256 differs; "
+                                      f"want {sha})")
+        return path
     path = cache / "downloads" / name
-    if not path.exists():
-        log.info("downloading %s from PyPI (358 MB)", name)
+    if path.exists():
+        return path
+    log.info("downloading %s from PyPI (358 MB)", name)
+    try:
         with atomic_path(path) as tmp:
             digest = hashlib.sha256()
             with urllib.request.urlopen(url, timeout=300) as resp, tmp.open("wb") as f:
@@ -76,6 +104,11 @@ def _bigbench_sdist(cache: Path) -> Path:
                     digest.update(chunk)
             if digest.hexdigest() != sha:
                 raise RuntimeError(f"checksum mismatch for {name}: {digest.hexdigest()} != {sha}")
+    except (urllib.error.URLError, OSError) as exc:
+        raise BigBenchUnavailable(
+            f"cannot download {name} from PyPI ({exc}); PyPI no longer serves it. Put a copy at "
+            f"{path} or point NEUQI_BIGBENCH_SDIST at one (sha256 {sha}). austen_lambada and "
+            "lm-eval's own tasks (with their data cached) work without it") from exc
     return path
 
 
@@ -180,31 +213,41 @@ metadata:
 """
 
 
-def build_tasks(cache: Path) -> Path:
-    """Write every offline task (data + YAML) once; returns the include path for lm-eval."""
+def built_tasks(cache: Path) -> set[str]:
+    """The offline tasks whose data and YAML are in the cache."""
     out = tasks_dir(cache)
-    if (out / "READY").exists():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    sizes = {}
-    bb = _read_bigbench(_bigbench_sdist(cache))
-    for name, subs in BIGBENCH_TASKS.items():
-        rows = []
-        for sub in subs:
-            task = bb[sub]
-            for ex in task["examples"]:
-                query, choices, gold = bigbench_prompt(task, ex)
-                rows.append({"query": query, "choices": choices, "gold": gold})
-        data = out / f"{name}.jsonl"
-        atomic_write_text(data, "".join(json.dumps(r) + "\n" for r in rows))
-        atomic_write_text(out / f"{name}.yaml", _mc_yaml(name, data.resolve()))
-        sizes[name] = len(rows)
-    from neuqi.data.corpora import load_text
+    return {t for t in OFFLINE_TASKS if (out / f"{t}.yaml").exists()}
 
-    passages = lambada_passages(load_text("austen-test", cache))
-    data = out / "austen_lambada.jsonl"
-    atomic_write_text(data, "".join(json.dumps(p) + "\n" for p in passages))
-    atomic_write_text(out / "austen_lambada.yaml", _lambada_yaml(data.resolve()))
-    sizes["austen_lambada"] = len(passages)
-    atomic_write_text(out / "READY", json.dumps(sizes, indent=2) + "\n")
+
+def build_tasks(cache: Path) -> Path:
+    """Write every offline task it can (data + YAML) once; returns lm-eval's include path.
+
+    Each task is written on its own, so BIG-bench's absence (see the module docstring)
+    costs only its tasks, and they are built on a later call once the sdist is there."""
+    out = tasks_dir(cache)
+    out.mkdir(parents=True, exist_ok=True)
+    have = built_tasks(cache)
+    if "austen_lambada" not in have:
+        from neuqi.data.corpora import load_text
+
+        passages = lambada_passages(load_text("austen-test", cache))
+        data = out / "austen_lambada.jsonl"
+        atomic_write_text(data, "".join(json.dumps(p) + "\n" for p in passages))
+        atomic_write_text(out / "austen_lambada.yaml", _lambada_yaml(data.resolve()))
+    if not set(BIGBENCH_TASKS) <= have:
+        try:
+            bb = _read_bigbench(_bigbench_sdist(cache))
+        except BigBenchUnavailable as exc:
+            log.warning("BIG-bench tasks left out: %s", exc)
+            return out
+        for name, subs in BIGBENCH_TASKS.items():
+            rows = []
+            for sub in subs:
+                task = bb[sub]
+                for ex in task["examples"]:
+                    query, choices, gold = bigbench_prompt(task, ex)
+                    rows.append({"query": query, "choices": choices, "gold": gold})
+            data = out / f"{name}.jsonl"
+            atomic_write_text(data, "".join(json.dumps(r) + "\n" for r in rows))
+            atomic_write_text(out / f"{name}.yaml", _mc_yaml(name, data.resolve()))
     return out
