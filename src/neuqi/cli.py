@@ -83,7 +83,12 @@ def quantize(
     eval_seqlen: int = 2048,
     eval_windows: Annotated[int | None, typer.Option(help="cap on windows per set")] = None,
     low_memory: Annotated[bool, typer.Option(help="read one layer at a time from the shards")] = False,
-    overwrite: Annotated[bool, typer.Option(help="replace an existing run of the same name")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="replace an existing run of the same name (and drop an interrupted run's state)")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="continue an interrupted run of the same command after its last finished layer")] = False,
+    save_state: Annotated[bool, typer.Option(
+        help="save each finished layer to OUT_DIR/.RUN_NAME.resume so the run can --resume")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Quantize MODEL layer by layer and save a packed checkpoint under OUT_DIR/RUN_NAME."""
@@ -94,7 +99,7 @@ def quantize(
     try:
         cfg = RunConfig(model=model, **quant, dtype=dtype, device=device, out_dir=str(out_dir),
                         eval_sets=_split(eval), eval_seqlen=eval_seqlen, eval_windows=eval_windows,
-                        low_memory=low_memory, overwrite=overwrite)
+                        low_memory=low_memory, overwrite=overwrite, resume=resume, save_state=save_state)
         run_dir = quantize_model(cfg, quiet=quiet)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         _fail(exc)

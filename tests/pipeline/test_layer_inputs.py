@@ -19,10 +19,15 @@ from neuqi.pipeline.sequential import capture_layer_inputs, layer_outputs
 
 SEQ, WINDOW, LAYERS = 32, 8, 4
 
+# per architecture: sliding windows shorter than the calibration windows, small MoEs
 SLIDING = {
+    "qwen3_moe": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2, num_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1]),
+    "mixtral": dict(sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2),
     "mistral": dict(sliding_window=WINDOW),
     "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2),
     "qwen3": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2),
+    "phi3": dict(sliding_window=WINDOW, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "gemma3_text": dict(sliding_window=WINDOW, head_dim=16,
                         layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2)),
 }
@@ -113,7 +118,17 @@ def test_every_listed_architecture_quantizes_saves_and_loads(model_type, tmp_pat
     cfg = RunConfig(model="unused", bits=3, group_size=32, calib=str(calib_file), nsamples=4, seqlen=SEQ,
                     device="cpu")
     records, stats, _ = calibrate_and_quantize(cfg, model, tok, torch.device("cpu"), quiet=True)
-    assert len(records) == LAYERS * 7 and all(s["quant_loss"] >= 0 for s in stats)
+    adapter = adapter_for(model_type)
+    expected_names = []
+    for i, layer in enumerate(decoder_layers(model, adapter)):
+        expected_names += [f"model.layers.{i}.{n}" for g in adapter.layer_groups(layer) for n in g]
+        if (experts := adapter.layer_experts(layer)) is not None:
+            n_experts = experts.gate_up_proj.shape[0]
+            expected_names += [f"model.layers.{i}.mlp.experts.{p}.{e}" for e in range(n_experts)
+                               for p in ("gate_up_proj", "down_proj")]
+    assert sorted(records) == sorted(expected_names) and all(s["quant_loss"] >= 0 for s in stats)
+    for name in adapter.linears[:2]:  # fused projections (Phi-3) are quantized whole
+        assert isinstance(model.get_submodule(f"model.layers.0.{name}"), torch.nn.Linear)
     x = torch.randint(0, 128, (2, SEQ))
     with torch.no_grad():
         expected = model(x).logits

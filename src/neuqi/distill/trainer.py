@@ -108,6 +108,9 @@ def distill_run(cfg: DistillConfig, quiet: bool = False, resume: bool = False) -
         raise ValueError(f"{src.name} was quantized for GGUF {qc.get('gguf_type')}: its steps and offsets "
                          "are what the type stores, and distillation would move them off it; "
                          "distill a run quantized without --gguf")
+    if qc.get("experts"):  # the student trains QuantLinear parameters only
+        raise ValueError(f"{src.name} has quantized mixture-of-experts weights; distilling them is not "
+                         "supported yet")
     tokenizer = load_tokenizer(cfg.teacher)
     teacher = load_model(cfg.teacher, torch.float32).eval()
     windows = sample_windows(tokenize(load_text(cfg.data), tokenizer), cfg.nsamples, cfg.seqlen, cfg.seed)

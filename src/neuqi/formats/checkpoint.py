@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from neuqi.formats.packing import pack_weight, pack_zeros
-from neuqi.formats.qlinear import replace_linears
+from neuqi.formats.qlinear import replace_experts, replace_linears
 from neuqi.quant.gguf_types import GGUF_TYPES
 from neuqi.quant.grid import QuantParams, QuantSpec
 
@@ -43,14 +43,31 @@ class QuantizedLinear:
     params: QuantParams
     bias: Tensor | None = None
     gguf_type: str | None = None  # GGUF runs: this linear's type (types differ per linear)
+    # MoE: the fused 3-D parameter this matrix is one expert of (records are named
+    # ``<parameter>.<expert>``); the checkpoint stacks them back into that shape
+    expert_of: str | None = None
 
     @classmethod
     def from_codes(
         cls, codes: Tensor, params: QuantParams, bits: int, bias: Tensor | None = None,
-        gguf_type: str | None = None,
+        gguf_type: str | None = None, expert_of: str | None = None,
     ) -> QuantizedLinear:
         """Pack ``codes: [out, in]`` (on their device, then move the packed words)."""
-        return cls(pack_weight(codes, bits).cpu(), codes.shape[1], bits, params, bias, gguf_type)
+        return cls(pack_weight(codes, bits).cpu(), codes.shape[1], bits, params, bias, gguf_type, expert_of)
+
+
+def expert_groups(records: dict[str, QuantizedLinear]) -> dict[str, list[QuantizedLinear]]:
+    """``{fused parameter: its experts' records in expert order}`` (all experts present)."""
+    groups: dict[str, dict[int, QuantizedLinear]] = {}
+    for name, q in records.items():
+        if q.expert_of is not None:
+            groups.setdefault(q.expert_of, {})[int(name.rsplit(".", 1)[1])] = q
+    out = {}
+    for param, by_index in groups.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            raise ValueError(f"{param}: experts {sorted(by_index)} are not 0..{len(by_index) - 1}")
+        out[param] = [by_index[e] for e in range(len(by_index))]
+    return out
 
 
 def quantization_config(
@@ -66,8 +83,10 @@ def quantization_config(
         "zero_point": zero_point,
         "act_order": act_order,
         "format_version": FORMAT_VERSION,
-        "modules": list(records),
+        "modules": [n for n, q in records.items() if q.expert_of is None],
     }
+    if experts := expert_groups(records):
+        qc["experts"] = list(experts)  # fused 3-D expert weights, stored stacked
     if gguf_type is not None:
         qc["gguf_type"] = gguf_type
         qc["gguf_types"] = {n: q.gguf_type or gguf_type for n, q in records.items()}
@@ -119,8 +138,13 @@ def write_checkpoint(
     """
     tensors: dict[str, Tensor] = {}
     for name, q in quantized.items():
-        tensors.update(packed_tensors(name, q, spec, zero_point))
-    skip = {f"{n}.weight" for n in quantized} | {f"{n}.bias" for n in quantized}
+        if q.expert_of is None:
+            tensors.update(packed_tensors(name, q, spec, zero_point))
+    experts = expert_groups(quantized)
+    for param, records in experts.items():  # [E, ...] per packed tensor, as the model holds them
+        packed = [packed_tensors(param, q, spec, zero_point) for q in records]
+        tensors.update({k: torch.stack([p[k] for p in packed]) for k in packed[0]})
+    skip = {f"{n}.weight" for n in quantized} | {f"{n}.bias" for n in quantized} | set(experts)
     tied = getattr(model.config, "tie_word_embeddings", False)
     for key, value in (model.state_dict() if state is None else state).items():
         if key in skip or (tied and key == "lm_head.weight"):
@@ -204,6 +228,7 @@ def load_quantized(folder: Path | str, dtype: torch.dtype = torch.float32, devic
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         replace_linears(model, qc["modules"], qc, dtype)
+        replace_experts(model, qc.get("experts", []), qc, dtype)
     state = read_state(folder)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     expected = set(shapes)

@@ -10,7 +10,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from neuqi.formats.qlinear import replace_linears
+from neuqi.formats.qlinear import replace_experts, replace_linears
 
 
 @register_quantization_config("neuqi")
@@ -25,6 +25,7 @@ class NeuqiConfig(QuantizationConfigMixin):
         modules: list[str] | None = None,
         gguf_type: str | None = None,
         gguf_types: dict[str, str] | None = None,
+        experts: list[str] | None = None,
         **kwargs,
     ) -> None:
         self.quant_method = "neuqi"
@@ -36,9 +37,11 @@ class NeuqiConfig(QuantizationConfigMixin):
         self.modules = list(modules or [])
         self.gguf_type = gguf_type
         self.gguf_types = dict(gguf_types or {})  # GGUF runs: each linear's own type
+        self.experts = list(experts or [])  # MoE: fused 3-D expert weights
 
     def as_dict(self) -> dict:
         gguf = {"gguf_type": self.gguf_type, "gguf_types": self.gguf_types} if self.gguf_type else {}
+        gguf |= {"experts": self.experts} if self.experts else {}
         return gguf | {
             "quant_method": "neuqi",
             "bits": self.bits,
@@ -60,6 +63,7 @@ class NeuqiHfQuantizer(HfQuantizer):
         qc = self.quantization_config.as_dict()
         dtype = kwargs.get("dtype") or next(model.parameters()).dtype
         replace_linears(model, qc["modules"], qc, dtype)
+        replace_experts(model, qc.get("experts", []), qc, dtype)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         return model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -11,6 +12,16 @@ from torch import Tensor, nn
 from neuqi.formats.packing import unpack_weight, unpack_zeros
 
 ZERO_POINTS = ("float", "int", "offset")
+
+
+def _dense(codes: Tensor, scales: Tensor, zeros: Tensor, offsets: Tensor | None, group_size: int) -> Tensor:
+    """``codes: [out, in]``, ``scales/zeros/offsets: [n_groups, out]`` → float32 ``[out, in]``."""
+    n_in = codes.shape[1]
+    g_idx = torch.arange(n_in, device=codes.device) // (n_in if group_size == -1 else min(group_size, n_in))
+    s = scales.float().t()[:, g_idx]
+    if offsets is not None:
+        return s * codes.float() + offsets.float().t()[:, g_idx]
+    return s * (codes.float() - zeros.float().t()[:, g_idx])
 
 
 class QuantLinear(nn.Module):
@@ -78,14 +89,8 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> Tensor:
         """The dense weight ``[out, in]`` in float32."""
-        g_idx = torch.arange(self.in_features, device=self.qweight.device) // (
-            self.in_features if self.group_size == -1 else min(self.group_size, self.in_features)
-        )
-        s = self.scales.float().t()[:, g_idx]
-        if self.zero_point == "offset":
-            return s * self.codes().float() + self.offsets.float().t()[:, g_idx]
-        z = self.zero_values().t()[:, g_idx]
-        return s * (self.codes().float() - z)
+        offsets = self.offsets if self.zero_point == "offset" else None
+        return _dense(self.codes(), self.scales, self.zero_values(), offsets, self.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self._dense
@@ -127,3 +132,80 @@ def replace_linears(model: nn.Module, names: list[str], qc: dict, dtype: torch.d
             device=lin.weight.device,
         )
         setattr(parent, child, ql)
+
+
+class QuantExperts(nn.Module):
+    """One fused 3-D expert weight ``[E, out, in]`` kept packed: the buffers of
+    ``QuantLinear`` with a leading expert axis (``qweight: [E, words, out]``,
+    ``scales``/``zeros``: ``[E, n_groups, out]`` or ``qzeros: [E, n_groups, zw]``)."""
+
+    def __init__(self, n_experts: int, out_features: int, in_features: int, bits: int, group_size: int,
+                 zero_point: str, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if zero_point not in ("float", "int"):
+            raise ValueError(f"experts take float or int zero-points, not {zero_point!r}")
+        self.n_experts, self.out_features, self.in_features = n_experts, out_features, in_features
+        self.bits, self.group_size, self.zero_point = bits, group_size, zero_point
+        g = in_features if group_size == -1 else min(group_size, in_features)
+        n_groups = math.ceil(in_features / g)
+        kw = {"device": device}
+        words = math.ceil(in_features / 32) * bits
+        self.register_buffer("qweight", torch.zeros(n_experts, words, out_features, dtype=torch.int32, **kw))
+        f16 = torch.float16
+        self.register_buffer("scales", torch.ones(n_experts, n_groups, out_features, dtype=f16, **kw))
+        if zero_point == "float":
+            self.register_buffer("zeros", torch.zeros(n_experts, n_groups, out_features, dtype=f16, **kw))
+        else:
+            zw = math.ceil(out_features / 32) * bits
+            self.register_buffer("qzeros", torch.zeros(n_experts, n_groups, zw, dtype=torch.int32, **kw))
+
+    def expert(self, e: int) -> Tensor:
+        """Expert ``e``'s dense weight ``[out, in]`` in float32."""
+        codes = unpack_weight(self.qweight[e], self.bits, self.in_features)
+        zeros = (self.zeros[e] if self.zero_point == "float"
+                 else unpack_zeros(self.qzeros[e], self.bits, self.out_features))
+        return _dense(codes, self.scales[e], zeros, None, self.group_size)
+
+    def dequantize(self) -> Tensor:
+        """``[E, out, in]`` float32."""
+        return torch.stack([self.expert(e) for e in range(self.n_experts)])
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.n_experts}, in={self.in_features}, out={self.out_features}, "
+                f"bits={self.bits}, group_size={self.group_size}, zero_point={self.zero_point}")
+
+
+def _experts_forward(module: nn.Module, *args, **kwargs):
+    """The experts module's own forward, on weights de-quantized for this call: the
+    model's code (eager loop or grouped matmul) runs unchanged."""
+    held = {n: module._modules.pop(n) for n in module._neuqi_packed}
+    hidden = args[0] if args else kwargs["hidden_states"]
+    try:
+        for n, q in held.items():
+            object.__setattr__(module, n, q.dequantize().to(hidden.dtype))
+        return type(module).forward(module, *args, **kwargs)
+    finally:
+        for n, q in held.items():
+            module.__dict__.pop(n, None)
+            module._modules[n] = q
+
+
+def replace_experts(model: nn.Module, names: list[str], qc: dict, dtype: torch.dtype) -> None:
+    """Swap the named fused 3-D expert parameters for empty ``QuantExperts``."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        param = parent._parameters.get(child)
+        if param is None or param.dim() != 3:
+            raise ValueError(f"checkpoint lists {name} as fused experts but the model has no 3-D "
+                             f"parameter there")
+        if qc.get("gguf_types"):
+            raise ValueError(f"{name}: GGUF types are not available for experts")
+        n_experts, out_features, in_features = param.shape
+        del parent._parameters[child]
+        parent.add_module(child, QuantExperts(n_experts, out_features, in_features, qc["bits"],
+                                              qc["group_size"], qc["zero_point"], param.device))
+        if not hasattr(parent, "_neuqi_packed"):
+            parent._neuqi_packed = []
+            parent.forward = functools.partial(_experts_forward, parent)
+        parent._neuqi_packed.append(child)

@@ -21,6 +21,7 @@ from neuqi.quant import ALGORITHMS, INIT_METHODS, QuantSpec
 from neuqi.quant.gguf_types import GGUF_INITS, GGUF_TYPES, GGUFType, gguf_type
 
 DEFAULT_DAMP = 0.01
+DEFAULT_MOE_MIN_TOKENS = 128
 
 
 def file_digest(path: Path) -> str:
@@ -77,6 +78,10 @@ class QuantConfig:
         "", "with --gguf: other types for some linears, comma list of NAME=TYPE where NAME ends "
             "the module's name (e.g. mlp.down_proj=Q2_K); rows a k-quant cannot take fall back "
             "to a block-32 type of at least its bits")
+    moe_min_tokens: int = option(
+        DEFAULT_MOE_MIN_TOKENS,
+        "mixture-of-experts: an expert routed fewer calibration tokens is calibrated on all tokens "
+        "of its layer")
     calib: str = option("c4-sample", "calibration text: c4-sample | wiki-extra | c4 | FILE")
     nsamples: int = option(128, "calibration windows")
     seqlen: int = option(2048, "tokens per calibration window")
@@ -114,6 +119,8 @@ class QuantConfig:
             raise ValueError("--select and --refit need --method gptq or ldlq and no --gguf")
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("--nsamples, --seqlen and --batch-size must be positive")
+        if self.moe_min_tokens < 1:
+            raise ValueError(f"--moe-min-tokens must be >= 1, got {self.moe_min_tokens!r}")
         if not self.damp > 0:
             raise ValueError(f"--damp must be positive, got {self.damp!r}")
 
@@ -193,6 +200,8 @@ class QuantConfig:
             parts.append(f"damp{self.damp:g}")
         if self.seed != 0:
             parts.append(f"seed{self.seed}")
+        if self.moe_min_tokens != DEFAULT_MOE_MIN_TOKENS:
+            parts.append(f"moemin{self.moe_min_tokens}")
         return parts
 
 
@@ -209,7 +218,9 @@ class RunConfig(QuantConfig):
     eval_seqlen: int = 2048
     eval_windows: int | None = None
     low_memory: bool = False  # read one layer at a time from safetensors shards
-    overwrite: bool = False  # replace an existing run of the same name
+    overwrite: bool = False  # replace an existing run of the same name (or drop a saved state)
+    save_state: bool = True  # save each finished layer, so an interrupted run can resume
+    resume: bool = False  # continue an interrupted run from its saved state
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -14,6 +14,7 @@ import platform
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from neuqi.memory import AnonPeak, peak_memory, reset_peak_memory
 from neuqi.models.adapters import adapter_for
 from neuqi.models.loading import load_model, load_tokenizer, resolve_model_path
 from neuqi.pipeline.config import QuantConfig, RunConfig
+from neuqi.pipeline.resume import ResumeState, state_folder, windows_digest
 from neuqi.pipeline.sequential import capture_layer_inputs, quantize_layers
 
 log = logging.getLogger("neuqi")
@@ -114,14 +116,44 @@ def evaluate_sets(
 
 
 def quantize_model(cfg: RunConfig, quiet: bool = False) -> Path:
-    """Run the whole job; returns the finished run directory."""
+    """Run the whole job; returns the finished run directory.
+
+    Unless ``cfg.save_state`` is off, every finished layer is saved (see
+    ``neuqi.pipeline.resume``) and an interrupted run continues with ``cfg.resume``."""
     device = cfg.torch_device()
     dtype = cfg.torch_dtype()
-    with run_directory(Path(cfg.out_dir) / cfg.run_name, cfg.overwrite) as work:
-        with log_to_file(work / "quantize.log"):
-            result = _quantize_into(cfg, work, device, dtype, quiet)
-        atomic_write_json(work / "result.json", result)
-    return Path(cfg.out_dir) / cfg.run_name
+    final = Path(cfg.out_dir) / cfg.run_name
+    check_not_taken(final, cfg.overwrite)
+    if cfg.resume and not cfg.save_state:
+        raise ValueError("--resume needs the saved state: drop --no-save-state")
+    states = state_folder(cfg.out_dir, cfg.run_name)
+    if not cfg.save_state and (states / "state.json").exists() and not cfg.overwrite:
+        raise FileExistsError(f"an interrupted run left its state in {states}: pass --resume to "
+                              f"continue it, or --overwrite to start over")
+    holder: list[ResumeState] = []
+    try:
+        with run_directory(final, cfg.overwrite) as work:
+            with log_to_file(work / "quantize.log"):
+                result = _quantize_into(cfg, work, device, dtype, quiet, holder)
+            atomic_write_json(work / "result.json", result)
+    except BaseException:
+        if holder and holder[0].layers_done:
+            log.error("run stopped after %d layers; its state is in %s: rerun the same command "
+                      "with --resume to continue", holder[0].layers_done, holder[0].folder)
+        raise
+    if holder:
+        holder[0].finish()
+    return final
+
+
+def open_state(cfg: RunConfig, windows: torch.Tensor) -> ResumeState:
+    """The run's saved state (``cfg.resume``) or a new one; see ``neuqi.pipeline.resume``."""
+    quant = {f.name: getattr(cfg, f.name) for f in fields(QuantConfig)}
+    fingerprint = json.loads(json.dumps({
+        **quant, "model": str(resolve_model_path(cfg.model)[0].resolve()), "run_name": cfg.run_name,
+        "dtype": str(cfg.torch_dtype()), "calibration_tokens": windows_digest(windows)}, default=str))
+    return ResumeState.open(state_folder(cfg.out_dir, cfg.run_name), fingerprint, cfg.resume,
+                            cfg.overwrite)
 
 
 def check_not_taken(final: Path, overwrite: bool) -> None:
@@ -177,14 +209,15 @@ def check_finite_model(model) -> None:
 def calibrate_and_quantize(
     cfg: QuantConfig, model, tokenizer, device: torch.device, quiet: bool = True,
     before_layer=None, after_layer=None, windows: torch.Tensor | None = None,
-    home: torch.device | str = "cpu",
+    home: torch.device | str = "cpu", resume: ResumeState | None = None,
 ) -> tuple[dict, list[dict], dict]:
     """Quantize ``model`` in place (weights become de-quantized ones).
 
     Returns ``(records, per-linear stats, timing)``; ``records`` feed the checkpoint.
     ``windows: [n, seqlen]`` token ids replace sampling ``cfg.calib``;
     ``before_layer``/``after_layer`` are passed to ``quantize_layers`` (lazy loading);
-    ``home`` is where the model's modules live between their turns on ``device``.
+    ``home`` is where the model's modules live between their turns on ``device``;
+    ``resume`` saves each layer and skips those an interrupted run finished.
     """
     adapter = adapter_for(model.config.model_type)
     if before_layer is None:
@@ -205,8 +238,10 @@ def calibrate_and_quantize(
                      summary["seconds"], summary["quant_loss"])
 
         t0 = time.perf_counter()
+        if resume is not None and resume.layers_done:
+            bar.update(task, advance=resume.layers_done, info=f"resumed after layer {resume.layers_done - 1}")
         records, stats = quantize_layers(model, adapter, batches, cfg, device, on_layer,
-                                         before_layer, after_layer, home)
+                                         before_layer, after_layer, home, resume)
         t_quant = time.perf_counter() - t0
     timing = {
         "capture_seconds": t_capture,
@@ -218,7 +253,8 @@ def calibrate_and_quantize(
     return records, stats, timing
 
 
-def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool) -> dict:
+def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool,
+                   holder: list[ResumeState]) -> dict:
     t_start = time.perf_counter()
     log.info("run %s on %s (%s)", cfg.run_name, device, dtype)
     if cfg.low_memory and resolve_model_path(cfg.model)[1] is not None:
@@ -226,13 +262,22 @@ def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool) -> di
     tokenizer = load_tokenizer(cfg.model)
     reset_peak_memory(device)
     state = None
+    windows = calibration_windows(cfg, tokenizer)
+    resume = None
+    if cfg.save_state:
+        resume = open_state(cfg, windows)
+        holder.append(resume)
     with AnonPeak() as anon:
         if cfg.low_memory:
             model, state, hooks = _lazy_model(cfg, dtype)
-            records, stats, timing = calibrate_and_quantize(cfg, model, tokenizer, device, quiet, *hooks)
+            records, stats, timing = calibrate_and_quantize(cfg, model, tokenizer, device, quiet, *hooks,
+                                                            windows=windows, resume=resume)
         else:
             model = load_model(cfg.model, dtype)
-            records, stats, timing = calibrate_and_quantize(cfg, model, tokenizer, device, quiet)
+            records, stats, timing = calibrate_and_quantize(cfg, model, tokenizer, device, quiet,
+                                                            windows=windows, resume=resume)
+        if resume is not None and resume.resumed_from:
+            timing["resumed_at_layer"] = resume.resumed_from  # timings cover the layers after it
 
         run_info = {"config": cfg.to_dict(), "environment": environment(device)}
         write_checkpoint(model, records, cfg.spec, cfg.zero_point, cfg.act_order, work, tokenizer,
@@ -278,6 +323,9 @@ def _lazy_model(cfg: RunConfig, dtype: torch.dtype):
     ckpt = ShardedCheckpoint(folder)
     model = empty_model(folder, dtype)
     adapter = adapter_for(model.config.model_type)
+    if adapter.experts is not None:
+        raise ValueError("--low-memory does not read mixture-of-experts checkpoints yet (their experts "
+                         "are stored per expert and fused on load); run without it")
     load_top_level(model, adapter, ckpt, dtype)
     state = {k: v for k, v in model.state_dict().items() if v.device.type != "meta"}
     quantized = set(adapter.linears)

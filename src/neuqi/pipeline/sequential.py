@@ -20,11 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from neuqi.formats.checkpoint import QuantizedLinear
+from neuqi.formats.packing import unpack_weight
 from neuqi.memory import release_freed_memory
 from neuqi.models.adapters import Adapter, decoder_layers
 from neuqi.pipeline.config import QuantConfig
+from neuqi.pipeline.resume import ResumeState
 from neuqi.quant import dequantize, gptq_quantize
-from neuqi.quant.gguf_types import type_for_row
+from neuqi.quant.gguf_types import GGUFType, type_for_row
+from neuqi.quant.grid import QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +161,16 @@ def layer_outputs(layer: nn.Module, batches: list[Batch]) -> list[Batch]:
     return out
 
 
+def linear_format(
+    in_features: int, opts: QuantConfig, name: str
+) -> tuple[QuantSpec, GGUFType | None, GGUFType | None]:
+    """``(spec, GGUF type, requested GGUF type)`` of linear ``name``: ``--gguf-tensor``
+    picks the type, rows a type cannot take fall back."""
+    want = opts.requested_gguf_type(name)
+    gguf = None if want is None else type_for_row(want, in_features)
+    return (opts.spec if gguf is None else gguf.spec), gguf, want
+
+
 def quantize_linear(
     lin: nn.Linear, H: Tensor, opts: QuantConfig, name: str = ""
 ) -> tuple[QuantizedLinear, dict]:
@@ -165,13 +178,20 @@ def quantize_linear(
 
     ``name`` picks the linear's GGUF type (``--gguf-tensor``, the row-length fallback).
     """
-    want = opts.requested_gguf_type(name)
-    gguf = None if want is None else type_for_row(want, lin.in_features)
-    spec = opts.spec if gguf is None else gguf.spec
+    return quantize_weight(lin.weight.data, lin.bias, H, opts, name)
+
+
+def quantize_weight(
+    weight: Tensor, bias: Tensor | None, H: Tensor, opts: QuantConfig, name: str = "",
+    expert_of: str | None = None,
+) -> tuple[QuantizedLinear, dict]:
+    """Quantize ``weight: [out, in]`` (a linear's, or one expert's slice of a fused
+    3-D parameter) in place and return its record and stats."""
+    spec, gguf, want = linear_format(weight.shape[1], opts, name)
     if gguf is not want:
-        log.info("%s: rows of %d do not fit %s; quantized as %s", name, lin.in_features, want.name, gguf.name)
+        log.info("%s: rows of %d do not fit %s; quantized as %s", name, weight.shape[1], want.name, gguf.name)
     res = gptq_quantize(
-        lin.weight.data.float(),
+        weight.float(),
         H,
         spec,
         init=opts.init,  # type: ignore[arg-type]
@@ -188,15 +208,32 @@ def quantize_linear(
         h_power=opts.h_power,
     )
     w_hat = dequantize(res.codes, res.params, spec)
-    lin.weight.data.copy_(w_hat.to(lin.weight.dtype))
-    bias = lin.bias.detach().cpu().clone() if lin.bias is not None else None
+    weight.copy_(w_hat.to(weight.dtype))
+    bias = bias.detach().cpu().clone() if bias is not None else None
     record = QuantizedLinear.from_codes(res.codes, res.params.to("cpu"), spec.bits, bias,
-                                        gguf_type=None if gguf is None else gguf.name)
+                                        gguf_type=None if gguf is None else gguf.name, expert_of=expert_of)
     if gguf is not None:
         res.stats["gguf_type"] = gguf.name
         if gguf is not want:
             res.stats["gguf_fallback_from"] = want.name
     return record, res.stats
+
+
+@torch.no_grad()
+def restore_layer(layer: nn.Module, prefix: str, adapter: Adapter, records: dict[str, QuantizedLinear],
+                  opts: QuantConfig) -> None:
+    """Give a layer finished by an earlier, interrupted run its de-quantized weights."""
+    for full, q in records.items():
+        if not full.startswith(prefix):
+            continue
+        spec, _, _ = linear_format(q.in_features, opts, full)
+        w = dequantize(unpack_weight(q.qweight, q.bits, q.in_features), q.params, spec)
+        if q.expert_of is None:
+            target = layer.get_submodule(full[len(prefix):]).weight.data
+        else:  # one expert's slice of a fused 3-D parameter
+            module, _, param = q.expert_of[len(prefix):].rpartition(".")
+            target = getattr(layer.get_submodule(module), param).data[int(full.rsplit(".", 1)[1])]
+        target.copy_(w.to(target.dtype))
 
 
 @torch.no_grad()
@@ -210,23 +247,40 @@ def quantize_layers(
     before_layer: Callable[[int, nn.Module], None] | None = None,
     after_layer: Callable[[int, nn.Module], None] | None = None,
     home: torch.device | str = "cpu",
+    resume: ResumeState | None = None,
 ) -> tuple[dict[str, QuantizedLinear], list[dict]]:
     """Quantize every decoder layer in order; returns the records and per-linear stats.
 
     Each layer visits ``device`` and goes back to ``home``, where the model lives.
     ``before_layer`` / ``after_layer`` let a caller read a layer from disk just in
-    time and release it afterwards (see ``neuqi.models.lazy``).
+    time and release it afterwards (see ``neuqi.models.lazy``). ``resume`` saves
+    each finished layer, and its layers already done are restored, not redone.
     """
     layers = decoder_layers(model, adapter)
     records: dict[str, QuantizedLinear] = {}
     stats: list[dict] = []
+    start = 0 if resume is None else resume.layers_done
+    if start:
+        records.update(resume.records)
+        stats += resume.stats
+        for i in range(start):
+            if before_layer is not None:
+                before_layer(i, layers[i])
+            restore_layer(layers[i], f"{adapter.layers}.{i}.", adapter, records, opts)
+            if after_layer is not None:
+                after_layer(i, layers[i])
+        saved = resume.hidden(len(batches))
+        batches = [Batch(h.to(b.hidden.device), b.kwargs, b.layer_kwargs)
+                   for h, b in zip(saved, batches, strict=True)]
     for i, layer in enumerate(layers):
+        if i < start:
+            continue
         t0 = time.perf_counter()
         batches = [b.at_layer(i) for b in batches]
         if before_layer is not None:
             before_layer(i, layer)
         layer.to(device)
-        for group in adapter.groups:
+        for group in adapter.layer_groups(layer):
             linears = [layer.get_submodule(name) for name in group]
             H = group_hessian(layer, linears[0], batches)
             for name, lin in zip(group, linears, strict=True):
@@ -236,6 +290,13 @@ def quantize_layers(
                 st.update(name=full, shape=list(lin.weight.shape))
                 stats.append(st)
             del H
+        if (experts := adapter.layer_experts(layer)) is not None:
+            from neuqi.pipeline.moe import quantize_experts
+
+            ex_records, ex_stats = quantize_experts(layer, experts, adapter.experts, batches, opts,
+                                                    f"{adapter.layers}.{i}.{adapter.experts.path}")
+            records.update(ex_records)
+            stats += ex_stats
         batches = layer_outputs(layer, batches)
         layer.to(home)
         if after_layer is not None:
@@ -243,7 +304,11 @@ def quantize_layers(
         if device.type == "cuda":
             torch.cuda.empty_cache()
         release_freed_memory()
-        layer_stats = [s for s in stats if s["name"].startswith(f"{adapter.layers}.{i}.")]
+        prefix = f"{adapter.layers}.{i}."
+        layer_stats = [s for s in stats if s["name"].startswith(prefix)]
+        if resume is not None:
+            resume.save_layer(i, len(layers), {k: v for k, v in records.items() if k.startswith(prefix)},
+                              layer_stats, [b.hidden for b in batches])
         summary = {
             "layer": i,
             "seconds": time.perf_counter() - t0,
@@ -274,7 +339,7 @@ def block_hessians(
     batches = [b.at_layer(index) for b in batches]
     layer = layers[index].to(device)
     out = []
-    for group in adapter.groups:
+    for group in adapter.layer_groups(layer):
         H = group_hessian(layer, layer.get_submodule(group[0]), batches)
         out += [(n, layer.get_submodule(n).weight.detach().float().clone(), H) for n in group]
     layer.to("cpu")

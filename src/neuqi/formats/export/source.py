@@ -63,6 +63,11 @@ def read_source(run_dir: Path | str) -> ExportSource:
     model = load_quantized(run_dir, dtype=torch.float32)
     raw = json.loads((run_dir / "config.json").read_text())
     qc = raw.pop("quantization_config")
+    if qc.get("experts"):
+        raise ValueError(
+            f"{run_dir.name} has quantized mixture-of-experts weights ({qc['experts'][0]}, ...); "
+            "exporting them is not supported yet: the native checkpoint loads with neuqi.load and "
+            "transformers' from_pretrained")
     linears: dict[str, LinearCodes] = {}
     skip: set[str] = set()
     for name, mod in model.named_modules():

@@ -1,0 +1,175 @@
+"""Mixture-of-experts: each expert calibrated on its own tokens, one at a time, stored
+in the fused 3-D shape and loaded back by both loaders."""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import neuqi
+from neuqi.formats.checkpoint import write_checkpoint
+from neuqi.models.adapters import adapter_for, decoder_layers
+from neuqi.pipeline import moe
+from neuqi.pipeline.config import RunConfig
+from neuqi.pipeline.run import calibrate_and_quantize, quantize_model
+from neuqi.pipeline.sequential import capture_layer_inputs
+
+from ..conftest import _tiny_tokenizer
+
+MOE = {
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[1]),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+}
+
+
+def tiny_moe(model_type: str, layers: int = 3) -> torch.nn.Module:
+    cfg = AutoConfig.for_model(model_type, vocab_size=320, hidden_size=64, intermediate_size=96,
+                               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=128, **MOE[model_type])
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def run_config(calib_file, **kw) -> RunConfig:
+    base = dict(model="unused", bits=3, group_size=32, calib=str(calib_file), nsamples=4, seqlen=32,
+                device="cpu", moe_min_tokens=8)
+    return RunConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize(("model_type", "init"), [("qwen3_moe", "neuqi"), ("mixtral", "minmax")])
+def test_moe_quantizes_saves_in_the_fused_shape_and_loads_with_the_same_logits(model_type, init, calib_file,
+                                                                                tmp_path):
+    """Float zero-points (NeUQI) on Qwen3-MoE, integer ones (packed qzeros) on Mixtral."""
+    model = tiny_moe(model_type)
+    tok = _tiny_tokenizer()
+    cfg = run_config(calib_file, init=init)
+    records, stats, _ = calibrate_and_quantize(cfg, model, tok, torch.device("cpu"), quiet=True)
+    experts = model.model.layers[0].mlp.experts
+    n_experts = experts.gate_up_proj.shape[0]
+    expert_stats = [s for s in stats if ".experts." in s["name"]]
+    moe_layers = 2 if model_type == "qwen3_moe" else 3  # Qwen3-MoE's layer 1 is dense here
+    assert len(expert_stats) == moe_layers * n_experts * 2
+    assert all(s["h_source"] == ("routed" if s["tokens"] >= 8 else "layer") for s in expert_stats)
+    # each expert's matrix now holds exactly its de-quantized codes
+    x = torch.randint(0, 128, (2, 32))
+    with torch.no_grad():
+        expected = model(x).logits
+    (tmp_path / "ckpt").mkdir()
+    write_checkpoint(model, records, cfg.spec, cfg.zero_point, cfg.act_order, tmp_path / "ckpt", tok)
+    qc = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.mlp.experts.gate_up_proj" in qc["experts"]
+    assert not any(".experts." in m for m in qc["modules"])
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        assert f.get_slice("model.layers.0.mlp.experts.down_proj.qweight").get_shape()[0] == n_experts
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in keys  # no FP copy beside the codes
+    assert "model.layers.0.mlp.gate.weight" in keys  # the router stays full precision
+    for loaded in (neuqi.load(tmp_path / "ckpt"), AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")):
+        assert type(loaded.model.layers[0].mlp.experts.gate_up_proj).__name__ == "QuantExperts"
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_each_expert_gets_the_h_of_its_routed_tokens_one_expert_at_a_time(calib_file, monkeypatch):
+    """Brute force: the router's own choice on the layer's input picks the tokens; the
+    down projection sees act(gate)·up through the already quantized gate_up; and no
+    expert's H outlives its turn (memory does not grow with the number of experts)."""
+    model = tiny_moe("qwen3_moe", layers=1)
+    layer = model.model.layers[0]
+    experts = layer.mlp.experts
+    cfg = run_config(calib_file, bits=4)
+    windows = torch.randint(0, 320, (4, 32))
+    batches = [b.at_layer(0) for b in capture_layer_inputs(model, adapter_for("qwen3_moe"), windows, 2,
+                                                           torch.device("cpu"))]
+    seen: dict[str, torch.Tensor] = {}
+    alive: list[weakref.ref] = []
+    real = moe.quantize_weight
+
+    def spy(weight, bias, H, opts, name="", expert_of=None):
+        assert all(r() is None for r in alive), "an earlier expert's H is still held"
+        alive.append(weakref.ref(H))
+        seen[name] = H.clone()
+        return real(weight, bias, H, opts, name, expert_of)
+
+    monkeypatch.setattr(moe, "quantize_weight", spy)
+    # what the experts receive: the post-attention norm of the residual stream
+    x_ref, top_ref = moe.expert_inputs(layer, experts, batches)
+    with torch.no_grad():
+        kw = [{k: v for k, v in b.kwargs.items() if k != "use_cache"} for b in batches]
+        h = torch.cat([layer.post_attention_layernorm(b.hidden + layer.self_attn(
+            layer.input_layernorm(b.hidden), **k)[0]) for b, k in zip(batches, kw, strict=True)])
+        h = h.reshape(-1, 64)
+        _, _, top = layer.mlp.gate(h)
+    torch.testing.assert_close(x_ref, h)
+    assert torch.equal(top_ref, top)
+    gate_up_fp = experts.gate_up_proj.detach().clone()
+    _, stats = moe.quantize_experts(layer, experts, adapter_for("qwen3_moe").experts, batches, cfg, "L")
+    for e in range(8):
+        xe = h[(top == e).any(-1)]
+        torch.testing.assert_close(seen[f"L.gate_up_proj.{e}"], (xe.T @ xe).double() / len(xe))
+        g, u = (xe @ experts.gate_up_proj[e].T).chunk(2, -1)  # quantized gate_up
+        a = torch.nn.functional.silu(g) * u
+        torch.testing.assert_close(seen[f"L.down_proj.{e}"], (a.T @ a).double() / len(a), rtol=1e-5,
+                                   atol=1e-7)
+        assert not torch.equal(experts.gate_up_proj[e], gate_up_fp[e])
+    assert [s["tokens"] for s in stats[::2]] == [int((top == e).any(-1).sum()) for e in range(8)]
+
+
+def test_experts_with_few_tokens_are_calibrated_on_the_whole_layer(calib_file):
+    model = tiny_moe("qwen3_moe", layers=1)
+    layer = model.model.layers[0]
+    windows = torch.randint(0, 320, (2, 32))
+    batches = [b.at_layer(0) for b in capture_layer_inputs(model, adapter_for("qwen3_moe"), windows, 2,
+                                                           torch.device("cpu"))]
+    counts_floor = 20
+    cfg = run_config(calib_file, moe_min_tokens=counts_floor)
+    _, stats = moe.quantize_experts(layer, layer.mlp.experts, adapter_for("qwen3_moe").experts, batches,
+                                    cfg, "L")
+    for s in stats:
+        assert s["h_source"] == ("routed" if s["tokens"] >= counts_floor else "layer")
+    assert {s["h_source"] for s in stats} == {"routed", "layer"}  # 64 tokens × 2 over 8 experts
+
+
+def test_moe_refuses_what_it_cannot_do(calib_file, tmp_path, monkeypatch):
+    model = tiny_moe("mixtral", layers=1)
+    tok = _tiny_tokenizer()
+    with pytest.raises(ValueError, match="--gguf is not available for mixture-of-experts"):
+        calibrate_and_quantize(run_config(calib_file, gguf="Q4_0", init="neuqi"), model, tok,
+                               torch.device("cpu"), quiet=True)
+    # an experts module in another layout is refused, not quantized wrongly
+    monkeypatch.setattr(model.model.layers[0].mlp.experts, "is_transposed", True)
+    with pytest.raises(ValueError, match="does not store its experts as neuqi expects"):
+        adapter_for("mixtral").layer_experts(decoder_layers(model, adapter_for("mixtral"))[0])
+
+
+def test_an_interrupted_moe_run_resumes_to_the_same_checkpoint_and_exports_refuse_it(
+        calib_file, tmp_path, monkeypatch):
+    from neuqi.formats.export import export_run
+    from neuqi.pipeline import sequential
+
+    folder = tmp_path / "tiny-qwen3-moe"
+    tiny_moe("qwen3_moe").save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    cfg = dict(model=str(folder), bits=3, group_size=32, calib=str(calib_file), nsamples=4, seqlen=32,
+               device="cpu", moe_min_tokens=8)
+    whole = quantize_model(RunConfig(**cfg, out_dir=str(tmp_path / "a")), quiet=True)
+    real = sequential.quantize_linear
+    with monkeypatch.context() as m:
+        def stop(lin, H, opts, name=""):
+            if ".2." in name:
+                raise KeyboardInterrupt
+            return real(lin, H, opts, name)
+
+        m.setattr(sequential, "quantize_linear", stop)
+        with pytest.raises(KeyboardInterrupt):
+            quantize_model(RunConfig(**cfg, out_dir=str(tmp_path / "b")), quiet=True)
+    resumed = quantize_model(RunConfig(**cfg, out_dir=str(tmp_path / "b"), resume=True), quiet=True)
+    assert (whole / "model.safetensors").read_bytes() == (resumed / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="mixture-of-experts weights"):
+        export_run(whole, "compressed-tensors", tmp_path / "export")
