@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from neuqi.formats.checkpoint import QuantizedLinear, packed_tensors, quantization_config, write_checkpoint
-from neuqi.formats.qlinear import replace_linears
+from neuqi.formats.checkpoint import QuantizedLinear, packed_state, quantization_config, write_checkpoint
+from neuqi.formats.qlinear import replace_experts, replace_linears
 from neuqi.io_utils import atomic_write_json
 from neuqi.memory import AnonPeak, peak_memory, reset_peak_memory
 from neuqi.pipeline.config import QuantConfig, resolve_device, short_model_name
@@ -137,11 +137,12 @@ def _work_device(device: str | torch.device | None, home: torch.device) -> torch
 def _swap_in_quantlinears(model: nn.Module, records: dict[str, QuantizedLinear], quant: QuantConfig) -> None:
     """Replace each quantized ``nn.Linear`` by a ``QuantLinear`` holding its packed codes."""
     qc = quantization_config(quant.spec, quant.zero_point, quant.act_order, records, quant.gguf)
-    dtype = model.get_submodule(next(iter(records))).weight.dtype
-    replace_linears(model, list(records), qc, dtype)
-    for name, rec in records.items():
-        tensors = packed_tensors(name, rec, quant.spec, quant.zero_point)
-        model.get_submodule(name).load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items()})
+    dtype = model.get_submodule(qc["modules"][0]).weight.dtype
+    replace_linears(model, qc["modules"], qc, dtype)
+    replace_experts(model, qc.get("experts", []), qc, dtype)
+    state = model.state_dict()
+    for key, value in packed_state(records, quant.spec, quant.zero_point).items():
+        state[key].copy_(value)
     model.quantization_config = qc
 
 

@@ -61,14 +61,16 @@ def fp_agreement(smollm2, work):
     return r, agree
 
 
-# NeUQI parameters with round-to-nearest codes (LDLQ's codes are covered on a tiny
-# model in test_cli and end to end by bench/gguf_vs_llamacpp.py): one symmetric type
-# (negative steps flip the codes) and one with a float offset (Q4_1: at 5 bits the
-# float-zero search costs over 10 minutes on SmolLM2 here, too long for the suite).
-@pytest.mark.parametrize("gguf_type", ["Q4_0", "Q4_1"])
-def test_llamacpp_runs_our_gguf_as_we_do(smollm2, work, fp_agreement, gguf_type):
+# Round-to-nearest codes (LDLQ's codes are covered on a tiny model in test_cli and
+# test_gguf_kquants, and end to end by bench/gguf_vs_llamacpp.py): one symmetric type
+# with NeUQI's steps (negative steps flip the codes) and one with a float offset. Q4_1
+# takes llama.cpp's own min-max parameters here: its NeUQI search costs ~7 minutes on
+# SmolLM2's 210 linears on 2 cores, and NeUQI's offsets reach llama.cpp in
+# test_gguf_kquants (Q4_K, Q5_K) on a tiny model.
+@pytest.mark.parametrize(("gguf_type", "init"), [("Q4_0", "neuqi"), ("Q4_1", "minmax")])
+def test_llamacpp_runs_our_gguf_as_we_do(smollm2, work, fp_agreement, gguf_type, init):
     folder, source = smollm2
-    cfg = RunConfig(model=str(folder), gguf=gguf_type, method="rtn", init="neuqi", nsamples=2, seqlen=128,
+    cfg = RunConfig(model=str(folder), gguf=gguf_type, method="rtn", init=init, nsamples=2, seqlen=128,
                     out_dir=str(work / "runs"), device="cpu")
     run_dir = quantize_model(cfg, quiet=True)
     out = work / f"{gguf_type}.gguf"

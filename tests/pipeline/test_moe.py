@@ -36,7 +36,7 @@ def tiny_moe(model_type: str, layers: int = 3) -> torch.nn.Module:
 
 def run_config(calib_file, **kw) -> RunConfig:
     base = dict(model="unused", bits=3, group_size=32, calib=str(calib_file), nsamples=4, seqlen=32,
-                device="cpu", moe_min_tokens=8)
+                device="cpu", moe_prior_tokens=64)
     return RunConfig(**{**base, **kw})
 
 
@@ -53,7 +53,7 @@ def test_moe_quantizes_saves_in_the_fused_shape_and_loads_with_the_same_logits(m
     expert_stats = [s for s in stats if ".experts." in s["name"]]
     moe_layers = 2 if model_type == "qwen3_moe" else 3  # Qwen3-MoE's layer 1 is dense here
     assert len(expert_stats) == moe_layers * n_experts * 2
-    assert all(s["h_source"] == ("routed" if s["tokens"] >= 8 else "layer") for s in expert_stats)
+    assert all(s["prior_weight"] == pytest.approx(64 / (s["tokens"] + 64)) for s in expert_stats)
     # each expert's matrix now holds exactly its de-quantized codes
     x = torch.randint(0, 128, (2, 32))
     with torch.no_grad():
@@ -83,7 +83,8 @@ def test_each_expert_gets_the_h_of_its_routed_tokens_one_expert_at_a_time(calib_
     model = tiny_moe("qwen3_moe", layers=1)
     layer = model.model.layers[0]
     experts = layer.mlp.experts
-    cfg = run_config(calib_file, bits=4)
+    prior = 64
+    cfg = run_config(calib_file, bits=4, moe_prior_tokens=prior)
     windows = torch.randint(0, 320, (4, 32))
     batches = [b.at_layer(0) for b in capture_layer_inputs(model, adapter_for("qwen3_moe"), windows, 2,
                                                            torch.device("cpu"))]
@@ -92,7 +93,9 @@ def test_each_expert_gets_the_h_of_its_routed_tokens_one_expert_at_a_time(calib_
     real = moe.quantize_weight
 
     def spy(weight, bias, H, opts, name="", expert_of=None):
-        assert all(r() is None for r in alive), "an earlier expert's H is still held"
+        # besides the current one, at most the layer's shared H is alive: memory does
+        # not grow with the number of experts
+        assert sum(r() is not None and r() is not H for r in alive) <= 1, "earlier experts' H still held"
         alive.append(weakref.ref(H))
         seen[name] = H.clone()
         return real(weight, bias, H, opts, name, expert_of)
@@ -110,30 +113,43 @@ def test_each_expert_gets_the_h_of_its_routed_tokens_one_expert_at_a_time(calib_
     assert torch.equal(top_ref, top)
     gate_up_fp = experts.gate_up_proj.detach().clone()
     _, stats = moe.quantize_experts(layer, experts, adapter_for("qwen3_moe").experts, batches, cfg, "L")
+    def second_moment(v):
+        return (v.T @ v).double() / len(v)
+
     for e in range(8):
-        xe = h[(top == e).any(-1)]
-        torch.testing.assert_close(seen[f"L.gate_up_proj.{e}"], (xe.T @ xe).double() / len(xe))
-        g, u = (xe @ experts.gate_up_proj[e].T).chunk(2, -1)  # quantized gate_up
+        mask = (top == e).any(-1)
+        n = int(mask.sum())
+        want = (n * second_moment(h[mask]) + prior * second_moment(h)) / (n + prior)
+        torch.testing.assert_close(seen[f"L.gate_up_proj.{e}"], want)
+        g, u = (h @ experts.gate_up_proj[e].T).chunk(2, -1)  # through the quantized gate_up
         a = torch.nn.functional.silu(g) * u
-        torch.testing.assert_close(seen[f"L.down_proj.{e}"], (a.T @ a).double() / len(a), rtol=1e-5,
-                                   atol=1e-7)
+        want = (n * second_moment(a[mask]) + prior * second_moment(a)) / (n + prior)
+        torch.testing.assert_close(seen[f"L.down_proj.{e}"], want, rtol=1e-5, atol=1e-7)
         assert not torch.equal(experts.gate_up_proj[e], gate_up_fp[e])
     assert [s["tokens"] for s in stats[::2]] == [int((top == e).any(-1).sum()) for e in range(8)]
 
 
-def test_experts_with_few_tokens_are_calibrated_on_the_whole_layer(calib_file):
+def test_an_expert_no_token_reaches_gets_the_layers_h_and_without_a_prior_an_error(
+        calib_file, monkeypatch):
     model = tiny_moe("qwen3_moe", layers=1)
     layer = model.model.layers[0]
     windows = torch.randint(0, 320, (2, 32))
     batches = [b.at_layer(0) for b in capture_layer_inputs(model, adapter_for("qwen3_moe"), windows, 2,
                                                            torch.device("cpu"))]
-    counts_floor = 20
-    cfg = run_config(calib_file, moe_min_tokens=counts_floor)
-    _, stats = moe.quantize_experts(layer, layer.mlp.experts, adapter_for("qwen3_moe").experts, batches,
-                                    cfg, "L")
-    for s in stats:
-        assert s["h_source"] == ("routed" if s["tokens"] >= counts_floor else "layer")
-    assert {s["h_source"] for s in stats} == {"routed", "layer"}  # 64 tokens × 2 over 8 experts
+    real = moe.expert_inputs
+
+    def no_expert_7(*args):
+        x, top = real(*args)
+        return x, torch.where(top == 7, torch.zeros_like(top), top)  # the router never picks 7
+
+    monkeypatch.setattr(moe, "expert_inputs", no_expert_7)
+    layout = adapter_for("qwen3_moe").experts
+    _, stats = moe.quantize_experts(layer, layer.mlp.experts, layout, batches, run_config(calib_file), "L")
+    assert [s["prior_weight"] for s in stats if s["name"].endswith(".7")] == [1.0, 1.0]
+    assert all(s["tokens"] > 0 for s in stats if not s["name"].endswith(".7"))
+    with pytest.raises(RuntimeError, match="expert 7 got no calibration tokens"):
+        moe.quantize_experts(layer, layer.mlp.experts, layout, batches,
+                             run_config(calib_file, moe_prior_tokens=0), "L")
 
 
 def test_moe_refuses_what_it_cannot_do(calib_file, tmp_path, monkeypatch):
@@ -157,7 +173,7 @@ def test_an_interrupted_moe_run_resumes_to_the_same_checkpoint_and_exports_refus
     tiny_moe("qwen3_moe").save_pretrained(folder)
     _tiny_tokenizer().save_pretrained(folder)
     cfg = dict(model=str(folder), bits=3, group_size=32, calib=str(calib_file), nsamples=4, seqlen=32,
-               device="cpu", moe_min_tokens=8)
+               device="cpu", moe_prior_tokens=64)
     whole = quantize_model(RunConfig(**cfg, out_dir=str(tmp_path / "a")), quiet=True)
     real = sequential.quantize_linear
     with monkeypatch.context() as m:
@@ -173,3 +189,15 @@ def test_an_interrupted_moe_run_resumes_to_the_same_checkpoint_and_exports_refus
     assert (whole / "model.safetensors").read_bytes() == (resumed / "model.safetensors").read_bytes()
     with pytest.raises(ValueError, match="mixture-of-experts weights"):
         export_run(whole, "compressed-tensors", tmp_path / "export")
+
+
+def test_the_python_api_returns_a_moe_model_holding_packed_experts(tmp_path):
+    model = tiny_moe("mixtral", layers=1)
+    tok = _tiny_tokenizer()
+    windows = torch.randint(0, 320, (4, 32))
+    out = neuqi.quantize(model, tok, calib=windows, save=tmp_path / "run", bits=4, group_size=32,
+                         init="minmax")
+    assert type(out.model.layers[0].mlp.experts.down_proj).__name__ == "QuantExperts"
+    x = torch.randint(0, 128, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(out(x).logits, neuqi.load(tmp_path / "run")(x).logits)

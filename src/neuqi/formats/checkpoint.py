@@ -118,6 +118,19 @@ def packed_tensors(name: str, q: QuantizedLinear, spec: QuantSpec, zero_point: s
     return out
 
 
+def packed_state(records: dict[str, QuantizedLinear], spec: QuantSpec, zero_point: str) -> dict[str, Tensor]:
+    """Every packed tensor of the quantized modules, named as the loaded model holds them
+    (experts stacked ``[E, ...]`` under their fused parameter's name)."""
+    tensors: dict[str, Tensor] = {}
+    for name, q in records.items():
+        if q.expert_of is None:
+            tensors.update(packed_tensors(name, q, spec, zero_point))
+    for param, group in expert_groups(records).items():
+        packed = [packed_tensors(param, q, spec, zero_point) for q in group]
+        tensors.update({k: torch.stack([p[k] for p in packed]) for k in packed[0]})
+    return tensors
+
+
 def write_checkpoint(
     model: nn.Module,
     quantized: dict[str, QuantizedLinear],
@@ -136,15 +149,8 @@ def write_checkpoint(
     ``state`` replaces ``model.state_dict()`` for the non-quantized tensors (the
     layer-by-layer path keeps them aside while the model itself stays empty).
     """
-    tensors: dict[str, Tensor] = {}
-    for name, q in quantized.items():
-        if q.expert_of is None:
-            tensors.update(packed_tensors(name, q, spec, zero_point))
-    experts = expert_groups(quantized)
-    for param, records in experts.items():  # [E, ...] per packed tensor, as the model holds them
-        packed = [packed_tensors(param, q, spec, zero_point) for q in records]
-        tensors.update({k: torch.stack([p[k] for p in packed]) for k in packed[0]})
-    skip = {f"{n}.weight" for n in quantized} | {f"{n}.bias" for n in quantized} | set(experts)
+    tensors = packed_state(quantized, spec, zero_point)
+    skip = {f"{n}.{k}" for n in quantized for k in ("weight", "bias")} | set(expert_groups(quantized))
     tied = getattr(model.config, "tie_word_embeddings", False)
     for key, value in (model.state_dict() if state is None else state).items():
         if key in skip or (tied and key == "lm_head.weight"):

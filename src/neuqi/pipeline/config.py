@@ -21,7 +21,7 @@ from neuqi.quant import ALGORITHMS, INIT_METHODS, QuantSpec
 from neuqi.quant.gguf_types import GGUF_INITS, GGUF_TYPES, GGUFType, gguf_type
 
 DEFAULT_DAMP = 0.01
-DEFAULT_MOE_MIN_TOKENS = 128
+DEFAULT_MOE_PRIOR_TOKENS = 4096
 
 
 def file_digest(path: Path) -> str:
@@ -78,10 +78,10 @@ class QuantConfig:
         "", "with --gguf: other types for some linears, comma list of NAME=TYPE where NAME ends "
             "the module's name (e.g. mlp.down_proj=Q2_K); rows a k-quant cannot take fall back "
             "to a block-32 type of at least its bits")
-    moe_min_tokens: int = option(
-        DEFAULT_MOE_MIN_TOKENS,
-        "mixture-of-experts: an expert routed fewer calibration tokens is calibrated on all tokens "
-        "of its layer")
+    moe_prior_tokens: int = option(
+        DEFAULT_MOE_PRIOR_TOKENS,
+        "mixture-of-experts: each expert's H is its routed tokens' H plus the layer's (all tokens "
+        "through the expert) weighted as this many tokens; 0 = routed tokens only")
     calib: str = option("c4-sample", "calibration text: c4-sample | wiki-extra | c4 | FILE")
     nsamples: int = option(128, "calibration windows")
     seqlen: int = option(2048, "tokens per calibration window")
@@ -119,8 +119,8 @@ class QuantConfig:
             raise ValueError("--select and --refit need --method gptq or ldlq and no --gguf")
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("--nsamples, --seqlen and --batch-size must be positive")
-        if self.moe_min_tokens < 1:
-            raise ValueError(f"--moe-min-tokens must be >= 1, got {self.moe_min_tokens!r}")
+        if self.moe_prior_tokens < 0:
+            raise ValueError(f"--moe-prior-tokens must be >= 0, got {self.moe_prior_tokens!r}")
         if not self.damp > 0:
             raise ValueError(f"--damp must be positive, got {self.damp!r}")
 
@@ -200,8 +200,8 @@ class QuantConfig:
             parts.append(f"damp{self.damp:g}")
         if self.seed != 0:
             parts.append(f"seed{self.seed}")
-        if self.moe_min_tokens != DEFAULT_MOE_MIN_TOKENS:
-            parts.append(f"moemin{self.moe_min_tokens}")
+        if self.moe_prior_tokens != DEFAULT_MOE_PRIOR_TOKENS:
+            parts.append(f"moeprior{self.moe_prior_tokens}")
         return parts
 
 

@@ -9,10 +9,15 @@ expert at a time — so memory holds one ``H``, whatever the number of experts:
 * ``down[e]: [hidden, I]`` gets ``H`` over ``act(gate·x) ⊙ up·x`` of those tokens,
   computed with the already quantized ``gate_up[e]`` (GPTQ's sequential order).
 
-An expert routed fewer than ``moe_min_tokens`` tokens would get an ``H`` of rank
-below that count, fitted to a handful of tokens: it is calibrated on every token of
-the layer instead (its stats say ``h_source: "layer"``), the choice llm-compressor
-makes for all experts. The router (``gate``) stays full precision, as in every peer.
+An expert routed few tokens would get an ``H`` of low rank, fitted to a handful of
+tokens. So the layer's ``H`` (every token through this expert) enters as a prior worth
+``M = moe_prior_tokens`` tokens: ``H_e = (n·H_routed + M·H_all) / (n + M)``. An expert
+with no tokens gets the layer's ``H`` (what llm-compressor uses for every expert); one
+with ``n ≫ M`` its own. ``bench/moe_prior_tokens.py`` measured the choice (real
+SmolLM2 inputs and weights, simulated router): routed-only ``H`` is worse at every
+count, most at 64–1024 tokens (the rank-deficient regime), and ``M = 4096`` was best.
+Its stats record ``tokens`` and ``prior_weight = M / (n + M)``. The router (``gate``)
+stays full precision, as in every peer.
 """
 
 from __future__ import annotations
@@ -71,22 +76,43 @@ def quantize_experts(
     x, top = expert_inputs(layer, experts, batches)
     gate_up = getattr(experts, layout.gate_up).data  # [E, 2·I, hidden]
     down = getattr(experts, layout.down).data  # [E, hidden, I]
-    counts = torch.stack([(top == e).any(-1).sum() for e in range(gate_up.shape[0])]).tolist()
+    prior = opts.moe_prior_tokens
+    h_layer = _hessian(x) if prior else None  # one [hidden, hidden], whatever E
+    routed = [(top == e).any(-1) for e in range(gate_up.shape[0])]
+    counts = torch.stack([r.sum() for r in routed]).tolist()
     records: dict[str, QuantizedLinear] = {}
     stats: list[dict] = []
+
+    def blend(h_routed: Tensor | None, h_all: Tensor | None, n: int) -> Tensor:
+        if h_all is None:
+            return h_routed
+        return h_all if h_routed is None else (n * h_routed + prior * h_all) / (n + prior)
+
+    def act_inputs(e: int, xs: Tensor) -> Tensor:
+        """What ``down[e]`` sees: act(gate·x) ⊙ up·x through the quantized gate_up[e]."""
+        gate, up = F.linear(xs, gate_up[e].to(xs.dtype)).chunk(2, dim=-1)
+        return experts.act_fn(gate) * up
+
     for e, n in enumerate(counts):
-        routed = n >= opts.moe_min_tokens
-        xe = x[(top == e).any(-1)] if routed else x
-        source = {"tokens": n, "h_source": "routed" if routed else "layer"}
-        for param, inputs in ((layout.gate_up, xe), (layout.down, None)):
-            weight = gate_up[e] if param == layout.gate_up else down[e]
-            if inputs is None:  # the down projection's inputs, through the quantized gate_up[e]
-                gate, up = F.linear(xe, gate_up[e].to(xe.dtype)).chunk(2, dim=-1)
-                inputs = experts.act_fn(gate) * up
-            name = f"{prefix}.{param}.{e}"
-            record, st = quantize_weight(weight, None, _hessian(inputs), opts, name,
-                                         expert_of=f"{prefix}.{param}")
-            records[name] = record
-            st.update(name=name, shape=list(weight.shape), **source)
-            stats.append(st)
+        if n == 0 and not prior:
+            raise RuntimeError(f"{prefix}: expert {e} got no calibration tokens and --moe-prior-tokens "
+                               "is 0; give it a prior or more calibration text")
+        xe = x[routed[e]]
+        info = {"tokens": n, "prior_weight": prior / (n + prior) if prior else 0.0}
+        h_gate_up = blend(_hessian(xe) if n else None, h_layer, n)
+        _quantize_expert(gate_up[e], h_gate_up, f"{prefix}.{layout.gate_up}", e, opts, info, records, stats)
+        del h_gate_up
+        h_down = blend(_hessian(act_inputs(e, xe)) if n else None,
+                       _hessian(act_inputs(e, x)) if prior else None, n)
+        _quantize_expert(down[e], h_down, f"{prefix}.{layout.down}", e, opts, info, records, stats)
+        del h_down
     return records, stats
+
+
+def _quantize_expert(weight: Tensor, H: Tensor, param: str, e: int, opts: QuantConfig, info: dict,
+                     records: dict[str, QuantizedLinear], stats: list[dict]) -> None:
+    name = f"{param}.{e}"
+    record, st = quantize_weight(weight, None, H, opts, name, expert_of=param)
+    records[name] = record
+    st.update(name=name, shape=list(weight.shape), **info)
+    stats.append(st)
