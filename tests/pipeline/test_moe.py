@@ -164,9 +164,7 @@ def test_moe_refuses_what_it_cannot_do(calib_file, tmp_path, monkeypatch):
         adapter_for("mixtral").layer_experts(decoder_layers(model, adapter_for("mixtral"))[0])
 
 
-def test_an_interrupted_moe_run_resumes_to_the_same_checkpoint_and_exports_refuse_it(
-        calib_file, tmp_path, monkeypatch):
-    from neuqi.formats.export import export_run
+def test_an_interrupted_moe_run_resumes_to_the_same_checkpoint(calib_file, tmp_path, monkeypatch):
     from neuqi.pipeline import sequential
 
     folder = tmp_path / "tiny-qwen3-moe"
@@ -187,8 +185,40 @@ def test_an_interrupted_moe_run_resumes_to_the_same_checkpoint_and_exports_refus
             quantize_model(RunConfig(**cfg, out_dir=str(tmp_path / "b")), quiet=True)
     resumed = quantize_model(RunConfig(**cfg, out_dir=str(tmp_path / "b"), resume=True), quiet=True)
     assert (whole / "model.safetensors").read_bytes() == (resumed / "model.safetensors").read_bytes()
-    with pytest.raises(ValueError, match="mixture-of-experts weights"):
-        export_run(whole, "compressed-tensors", tmp_path / "export")
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE))
+def test_a_moe_run_exports_to_compressed_tensors_under_the_hub_checkpoint_names(model_type, calib_file,
+                                                                                tmp_path):
+    """vLLM reads MoE experts one matrix per expert, named as the model's hub
+    checkpoints name them (Mixtral: block_sparse_moe.experts.E.w1/w3/w2); the export is
+    checked bit for bit by our reader and by transformers loading it through the
+    compressed-tensors library."""
+    from safetensors import safe_open
+
+    from neuqi.formats.export import export_run
+
+    folder = tmp_path / f"tiny-{model_type}"
+    tiny_moe(model_type, layers=2).save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    run = quantize_model(RunConfig(model=str(folder), bits=4, group_size=32, init="minmax", nsamples=4,
+                                   seqlen=32, calib=str(calib_file), device="cpu",
+                                   out_dir=str(tmp_path / "runs")), quiet=True)
+    res = export_run(run, "compressed-tensors", tmp_path / "ct", dtype="float32")
+    assert res["ok"] and res["tensors"]["bit_exact"] and res["engine"]["ok"], res
+    layout = adapter_for(model_type).experts
+    with safe_open(tmp_path / "ct" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    n_experts = 8 if model_type == "qwen3_moe" else 4
+    for e in range(n_experts):
+        for hub in (layout.hub_gate, layout.hub_up, layout.hub_down):
+            assert f"model.layers.0.{layout.hub_path}.{e}.{hub}.weight_packed" in keys
+    assert f"model.layers.0.{layout.hub_router}.weight" in keys  # the router, full precision
+    assert not any("gate_up_proj" in k for k in keys)
+    ignore = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["ignore"]
+    assert f"re:.*{layout.hub_router}$" in ignore
+    with pytest.raises(ValueError, match="use --format compressed-tensors"):
+        export_run(run, "gptq", tmp_path / "gptq")
 
 
 def test_the_python_api_returns_a_moe_model_holding_packed_experts(tmp_path):
@@ -201,3 +231,24 @@ def test_the_python_api_returns_a_moe_model_holding_packed_experts(tmp_path):
     x = torch.randint(0, 128, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(out(x).logits, neuqi.load(tmp_path / "run")(x).logits)
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE))
+def test_the_adapters_hub_names_are_the_ones_transformers_saves(model_type, tmp_path):
+    """The exports' per-expert names and the gate/up row split, checked against
+    transformers' own reverse conversion (save_pretrained writes hub checkpoints)."""
+    from safetensors.torch import load_file
+
+    model = tiny_moe(model_type, layers=1)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    layout = adapter_for(model_type).experts
+    experts = model.model.layers[0].mlp.experts
+    half = experts.gate_up_proj.shape[1] // 2
+    for e in range(experts.gate_up_proj.shape[0]):
+        base = f"model.layers.0.{layout.hub_path}.{e}"
+        assert torch.equal(saved[f"{base}.{layout.hub_gate}.weight"], experts.gate_up_proj[e, :half])
+        assert torch.equal(saved[f"{base}.{layout.hub_up}.weight"], experts.gate_up_proj[e, half:])
+        assert torch.equal(saved[f"{base}.{layout.hub_down}.weight"], experts.down_proj[e])
+    router = model.model.layers[0].mlp.gate.weight
+    assert torch.equal(saved[f"model.layers.0.{layout.hub_router}.weight"], router)

@@ -158,16 +158,25 @@ class QuantExperts(nn.Module):
         else:
             zw = math.ceil(out_features / 32) * bits
             self.register_buffer("qzeros", torch.zeros(n_experts, n_groups, zw, dtype=torch.int32, **kw))
+        self._dense: Tensor | None = None  # set to keep the de-quantized weights (verification)
+
+    def zero_values(self, e: int) -> Tensor:
+        """Expert ``e``'s zero-points as floats ``[n_groups, out]``."""
+        if self.zero_point == "float":
+            return self.zeros[e].float()
+        return unpack_zeros(self.qzeros[e], self.bits, self.out_features).float()
+
+    def codes(self, e: int) -> Tensor:
+        return unpack_weight(self.qweight[e], self.bits, self.in_features)
 
     def expert(self, e: int) -> Tensor:
         """Expert ``e``'s dense weight ``[out, in]`` in float32."""
-        codes = unpack_weight(self.qweight[e], self.bits, self.in_features)
-        zeros = (self.zeros[e] if self.zero_point == "float"
-                 else unpack_zeros(self.qzeros[e], self.bits, self.out_features))
-        return _dense(codes, self.scales[e], zeros, None, self.group_size)
+        return _dense(self.codes(e), self.scales[e], self.zero_values(e), None, self.group_size)
 
     def dequantize(self) -> Tensor:
         """``[E, out, in]`` float32."""
+        if self._dense is not None:
+            return self._dense
         return torch.stack([self.expert(e) for e in range(self.n_experts)])
 
     def extra_repr(self) -> str:

@@ -24,6 +24,14 @@ class Experts:
     path: str = "mlp.experts"
     gate_up: str = "gate_up_proj"
     down: str = "down_proj"
+    # How the model's original checkpoints (and vLLM) name one expert's matrices:
+    # ``<layer>.<hub_path>.<e>.<hub_gate|hub_up|hub_down>``; exports write these names.
+    hub_path: str = "mlp.experts"
+    hub_gate: str = "gate_proj"
+    hub_up: str = "up_proj"
+    hub_down: str = "down_proj"
+    hub_renames: tuple[tuple[str, str], ...] = ()  # other module paths: (ours, the hub's)
+    hub_router: str = "mlp.gate"  # the router, which stays full precision in every export
 
 
 @dataclass(frozen=True)
@@ -96,12 +104,16 @@ PHI3 = Adapter(
 # Qwen3-MoE and Mixtral: LLaMA attention, fused 3-D experts (Qwen3-MoE may keep
 # dense MLPs in some layers: ``mlp_only_layers``).
 MOE = Adapter(layers="model.layers", groups=LLAMA.groups, experts=Experts())
+# Mixtral's hub checkpoints call the block ``block_sparse_moe`` and the matrices w1/w3/w2.
+MIXTRAL = Adapter(layers="model.layers", groups=LLAMA.groups, experts=Experts(
+    hub_path="block_sparse_moe.experts", hub_gate="w1", hub_up="w3", hub_down="w2",
+    hub_renames=(("mlp.gate", "block_sparse_moe.gate"),), hub_router="block_sparse_moe.gate"))
 
 # model_type -> adapter; LLaMA-style decoders share one layout.
 ADAPTERS: dict[str, Adapter] = {
     "phi3": PHI3,
     "qwen3_moe": MOE,
-    "mixtral": MOE,
+    "mixtral": MIXTRAL,
     "llama": LLAMA,
     "mistral": LLAMA,
     "qwen2": LLAMA,

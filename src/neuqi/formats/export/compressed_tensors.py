@@ -44,9 +44,15 @@ def quantization_config(src: ExportSource) -> dict:
         group_size=None if channel else src.group_size,
     )
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
-    # The pipeline quantizes every decoder linear; the LM head stays in full precision.
+    # The pipeline quantizes every decoder linear and expert; the LM head and MoE routers
+    # stay in full precision (an engine would otherwise quantize the router's linear).
+    ignore = ["lm_head"]
+    if src.moe:
+        from neuqi.models.adapters import adapter_for
+
+        ignore.append(f"re:.*{adapter_for(src.config['model_type']).experts.hub_router}$")
     cfg = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
-                             quantization_status="compressed", ignore=["lm_head"])
+                             quantization_status="compressed", ignore=ignore)
     return cfg.model_dump()
 
 

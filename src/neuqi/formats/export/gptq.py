@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from neuqi.formats.export.source import ExportSource, require_int_zero, require_whole_groups
+from neuqi.formats.export.source import ExportSource, refuse_moe, require_int_zero, require_whole_groups
 from neuqi.formats.packing import pack_weight, pack_zeros
 
 FORMAT = "gptq"
@@ -40,6 +40,7 @@ def quantization_config(src: ExportSource, checkpoint_format: str) -> dict:
 def write(src: ExportSource, out: Path, dtype: torch.dtype, checkpoint_format: str = "gptq_v2") -> None:
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
+    refuse_moe(src, FORMAT)
     require_int_zero(src, FORMAT)
     require_whole_groups(src, FORMAT)
     v1 = checkpoint_format == "gptq"

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from neuqi.formats.export.source import ExportSource, LinearCodes, require_whole_groups
+from neuqi.formats.export.source import ExportSource, LinearCodes, refuse_moe, require_whole_groups
 
 FORMAT = "hqq"
 
@@ -61,6 +61,7 @@ def hqq_state(lin: LinearCodes, bits: int, dtype: torch.dtype) -> dict:
 
 
 def write(src: ExportSource, out: Path, dtype: torch.dtype) -> None:
+    refuse_moe(src, FORMAT)
     if src.bits not in (2, 3, 4, 8):
         raise ValueError(f"HQQ packs 2/3/4/8-bit codes, not {src.bits}-bit")
     require_whole_groups(src, FORMAT)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from neuqi.formats.checkpoint import load_quantized
-from neuqi.formats.qlinear import QuantLinear
+from neuqi.formats.qlinear import QuantExperts, QuantLinear
 
 # Files a consumer needs beside the weights (tokenizer, generation settings).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -47,6 +47,8 @@ class ExportSource:
     act_order: bool
     linears: dict[str, LinearCodes]
     dense: dict[str, Tensor]  # every other tensor of the model, float32
+    # MoE: ``linears`` holds each expert's matrices under the hub checkpoints' names
+    moe: bool = False
 
     def dense_in(self, dtype: torch.dtype) -> dict[str, Tensor]:
         return {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.dense.items()}
@@ -63,11 +65,6 @@ def read_source(run_dir: Path | str) -> ExportSource:
     model = load_quantized(run_dir, dtype=torch.float32)
     raw = json.loads((run_dir / "config.json").read_text())
     qc = raw.pop("quantization_config")
-    if qc.get("experts"):
-        raise ValueError(
-            f"{run_dir.name} has quantized mixture-of-experts weights ({qc['experts'][0]}, ...); "
-            "exporting them is not supported yet: the native checkpoint loads with neuqi.load and "
-            "transformers' from_pretrained")
     linears: dict[str, LinearCodes] = {}
     skip: set[str] = set()
     for name, mod in model.named_modules():
@@ -84,11 +81,62 @@ def read_source(run_dir: Path | str) -> ExportSource:
         )
         skip.update(f"{name}.{k}" for k, _ in mod.named_buffers())
         skip.update(f"{name}.{k}" for k, _ in mod.named_parameters())
+    if qc.get("experts"):
+        skip |= _expert_linears(model, raw["model_type"], linears)
     dense = {k: v.detach() for k, v in model.state_dict().items() if k not in skip}
+    if qc.get("experts"):
+        dense = _hub_names(dense, raw["model_type"])
     if raw.get("tie_word_embeddings"):
         dense.pop("lm_head.weight", None)
     return ExportSource(run_dir, raw, qc["bits"], qc["group_size"], qc["zero_point"],
-                        bool(qc.get("act_order")), linears, dense)
+                        bool(qc.get("act_order")), linears, dense, bool(qc.get("experts")))
+
+
+def _expert_linears(model, model_type: str, linears: dict[str, LinearCodes]) -> set[str]:
+    """Add every expert's matrices to ``linears`` under the names the model's hub
+    checkpoints (and vLLM) use — one expert, one matrix, gate_up split into gate and
+    up rows (groups run along the input, so a row split keeps them whole); returns
+    the packed tensors' names."""
+    from neuqi.models.adapters import adapter_for
+
+    adapter = adapter_for(model_type)
+    layout = adapter.experts
+    skip: set[str] = set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, QuantExperts):
+            continue
+        module, _, param = name.rpartition(".")
+        layer = module[: -len(layout.path) - 1]
+        gs = mod.in_features if mod.group_size == -1 else min(mod.group_size, mod.in_features)
+        for e in range(mod.n_experts):
+            codes, scale, zero = mod.codes(e), mod.scales[e].t(), mod.zero_values(e).t()
+            parts = {layout.hub_down: slice(None)} if param == layout.down else {
+                layout.hub_gate: slice(0, mod.out_features // 2),
+                layout.hub_up: slice(mod.out_features // 2, None)}
+            for hub, rows in parts.items():
+                linears[f"{layer}.{layout.hub_path}.{e}.{hub}"] = LinearCodes(
+                    codes[rows].contiguous(), scale[rows].contiguous(), zero[rows].contiguous(), None, gs)
+        skip.update(f"{name}.{k}" for k, _ in mod.named_buffers())
+    return skip
+
+
+def _hub_names(dense: dict[str, Tensor], model_type: str) -> dict[str, Tensor]:
+    from neuqi.models.adapters import adapter_for
+
+    renames = adapter_for(model_type).experts.hub_renames
+    out = {}
+    for key, value in dense.items():
+        for ours, hub in renames:
+            key = key.replace(f".{ours}.", f".{hub}.")
+        out[key] = value
+    return out
+
+
+def refuse_moe(src: ExportSource, fmt: str) -> None:
+    if src.moe:
+        raise ValueError(f"{src.run_dir.name} has quantized mixture-of-experts weights; the {fmt} export "
+                         "does not write experts: use --format compressed-tensors (what vLLM serves "
+                         "MoE models from)")
 
 
 def require_int_zero(src: ExportSource, fmt: str) -> None:

@@ -78,12 +78,62 @@ def load_with_engine(fmt: str, folder: Path):
     raise ValueError(fmt)
 
 
+def library_decoded_moe(folder: Path, src: ExportSource):
+    """A MoE export as the compressed-tensors library decodes it.
+
+    transformers 5.23 cannot load asymmetric compressed-tensors experts (its converter
+    drops the zero-points of per-expert tensors before decompressing), so each
+    quantized matrix of the file is decompressed by the library's own
+    ``PackedQuantizationCompressor`` and put into our model skeleton (experts fused
+    back from the hub names); the file's dense tensors replace ours."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    from neuqi.formats.checkpoint import load_quantized
+    from neuqi.formats.qlinear import QuantExperts, QuantLinear
+    from neuqi.models.adapters import adapter_for
+
+    raw = json.loads((folder / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(raw).config_groups["group_0"]
+    stored = load_file(folder / "model.safetensors")
+    fields = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+    def decoded(name: str) -> torch.Tensor:
+        local = {f: stored.pop(f"{name}.{f}") for f in fields}
+        return PackedQuantizationCompressor.decompress(local, scheme)["weight"].float()
+
+    model = load_quantized(src.run_dir, dtype=torch.float32)
+    layout = adapter_for(src.config["model_type"]).experts
+    hub_names = dict(layout.hub_renames)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, QuantLinear):
+                mod.cache, mod._dense = True, decoded(name)
+            elif isinstance(mod, QuantExperts):
+                module, _, param = name.rpartition(".")
+                base = f"{module[: -len(layout.path) - 1]}.{layout.hub_path}"
+                if param == layout.down:
+                    mod._dense = torch.stack([decoded(f"{base}.{e}.{layout.hub_down}")
+                                              for e in range(mod.n_experts)])
+                else:
+                    mod._dense = torch.stack([torch.cat([decoded(f"{base}.{e}.{layout.hub_gate}"),
+                                                         decoded(f"{base}.{e}.{layout.hub_up}")])
+                                              for e in range(mod.n_experts)])
+        state = model.state_dict()
+        for key, value in stored.items():
+            for ours, hub in hub_names.items():
+                key = key.replace(f".{hub}.", f".{ours}.")
+            state[key].copy_(value.float())
+    return model
+
+
 def our_model(src: ExportSource, dtype: torch.dtype, round_weights: bool = False):
     """Our quantized model with its dense tensors rounded to the export dtype (so the
     only differences left are the engine's); ``round_weights`` also rounds the
     de-quantized weights, for formats whose loader de-quantizes in that dtype."""
     from neuqi.formats.checkpoint import load_quantized
-    from neuqi.formats.qlinear import QuantLinear
+    from neuqi.formats.qlinear import QuantExperts, QuantLinear
 
     model = load_quantized(src.run_dir, dtype=torch.float32)
     with torch.no_grad():
@@ -92,6 +142,8 @@ def our_model(src: ExportSource, dtype: torch.dtype, round_weights: bool = False
         for mod in model.modules():
             if round_weights and isinstance(mod, QuantLinear):
                 mod.cache, mod._dense = True, mod.dequantize().to(dtype).float()
+            elif round_weights and isinstance(mod, QuantExperts):
+                mod._dense = mod.dequantize().to(dtype).float()
     return model
 
 
@@ -122,7 +174,8 @@ def verify(export_dir: Path | str, run_dir: Path | str, dtype: str | None = None
     except AssertionError as exc:
         res["tensors"] = {"bit_exact": False, "error": str(exc)}
     try:
-        engine = load_with_engine(fmt, export_dir)
+        engine = (library_decoded_moe(export_dir, src) if src.moe and fmt == "compressed-tensors"
+                  else load_with_engine(fmt, export_dir))
     except ModuleNotFoundError as exc:
         res["engine"] = {"skipped": f"{exc}; install 'neuqi[export]' to check with the consumer library"}
     else:
