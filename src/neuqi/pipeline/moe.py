@@ -22,8 +22,6 @@ stays full precision, as in every peer.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,7 +29,7 @@ from torch import Tensor, nn
 from neuqi.formats.checkpoint import QuantizedLinear
 from neuqi.models.adapters import Experts
 from neuqi.pipeline.config import QuantConfig
-from neuqi.pipeline.sequential import Batch, HessianAccumulator, _StopForward, quantize_weight
+from neuqi.pipeline.sequential import Batch, HessianAccumulator, forward_until, quantize_weight
 
 
 @torch.no_grad()
@@ -41,20 +39,13 @@ def expert_inputs(layer: nn.Module, experts: nn.Module, batches: list[Batch]) ->
     xs: list[Tensor] = []
     tops: list[Tensor] = []
 
-    def hook(_module, args, kwargs):
+    def record(args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         top = args[1] if len(args) > 1 else kwargs["top_k_index"]
         xs.append(hidden.reshape(-1, hidden.shape[-1]))
         tops.append(top.reshape(xs[-1].shape[0], -1))
-        raise _StopForward
 
-    handle = experts.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for b in batches:
-            with contextlib.suppress(_StopForward):
-                layer(b.hidden, **b.kwargs)
-    finally:
-        handle.remove()
+    forward_until(layer, experts, batches, record)
     return torch.cat(xs), torch.cat(tops)
 
 

@@ -133,21 +133,29 @@ class HessianAccumulator:
 
 
 @torch.no_grad()
-def group_hessian(layer: nn.Module, first_linear: nn.Linear, batches: list[Batch]) -> Tensor:
-    """Forward the batches through ``layer`` only as far as ``first_linear``'s input."""
-    acc = HessianAccumulator(first_linear.in_features, batches[0].hidden.device)
+def forward_until(layer: nn.Module, module: nn.Module, batches: list[Batch],
+                  record: Callable[[tuple, dict], None]) -> None:
+    """Forward each batch through ``layer`` only as far as ``module``, handing the
+    ``(args, kwargs)`` it would have been called with to ``record``."""
 
-    def hook(_module, args):
-        acc.add(args[0])
+    def hook(_module, args, kwargs):
+        record(args, kwargs)
         raise _StopForward
 
-    handle = first_linear.register_forward_pre_hook(hook)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for b in batches:
             with contextlib.suppress(_StopForward):
                 layer(b.hidden, **b.kwargs)
     finally:
         handle.remove()
+
+
+@torch.no_grad()
+def group_hessian(layer: nn.Module, first_linear: nn.Linear, batches: list[Batch]) -> Tensor:
+    """Forward the batches through ``layer`` only as far as ``first_linear``'s input."""
+    acc = HessianAccumulator(first_linear.in_features, batches[0].hidden.device)
+    forward_until(layer, first_linear, batches, lambda args, kwargs: acc.add(args[0]))
     return acc.mean()
 
 
