@@ -112,6 +112,9 @@ def test_a_saved_state_of_another_run_or_a_broken_one_is_refused(four_layers, ca
     with pytest.raises(ValueError, match=r"another run \(differs in \['damp'\]\)"):
         quantize_model(config(four_layers, calib_file, tmp_path, resume=True), quiet=True)
     (states / "state.json").write_text(json.dumps(saved))
+    (states / "hidden-00001.safetensors").unlink()  # the activations went missing
+    with pytest.raises(ValueError, match=r"hidden-00001\.safetensors is unreadable"):
+        quantize_model(config(four_layers, calib_file, tmp_path, resume=True), quiet=True)
     (states / "layer-00000.safetensors").write_bytes(b"\0" * 10)
     with pytest.raises(ValueError, match=r"layer-00000\.safetensors is unreadable"):
         quantize_model(config(four_layers, calib_file, tmp_path, resume=True), quiet=True)

@@ -139,7 +139,10 @@ class ResumeState:
     def hidden(self, n_batches: int) -> list[Tensor]:
         """The saved activations entering layer ``layers_done``, one per batch."""
         path = self._hidden_path(self.layers_done)
-        tensors = load_file(path)
+        try:
+            tensors = load_file(path)
+        except (OSError, SafetensorError) as exc:
+            raise ValueError(f"{path} is unreadable ({exc}); delete {self.folder} to start over") from None
         if len(tensors) != n_batches:
             raise ValueError(f"{path} holds {len(tensors)} batches, the run has {n_batches}")
         return [tensors[f"batch{b}"] for b in range(n_batches)]
