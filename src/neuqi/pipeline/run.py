@@ -126,23 +126,21 @@ def quantize_model(cfg: RunConfig, quiet: bool = False) -> Path:
     check_not_taken(final, cfg.overwrite)
     if cfg.resume and not cfg.save_state:
         raise ValueError("--resume needs the saved state: drop --no-save-state")
-    states = state_folder(cfg.out_dir, cfg.run_name)
-    if not cfg.save_state and (states / "state.json").exists() and not cfg.overwrite:
-        raise FileExistsError(f"an interrupted run left its state in {states}: pass --resume to "
-                              f"continue it, or --overwrite to start over")
-    holder: list[ResumeState] = []
+    tokenizer = load_tokenizer(cfg.model)
+    windows = calibration_windows(cfg, tokenizer)
+    resume = open_state(cfg, windows)  # refuses to drop a saved state silently
     try:
         with run_directory(final, cfg.overwrite) as work:
             with log_to_file(work / "quantize.log"):
-                result = _quantize_into(cfg, work, device, dtype, quiet, holder)
+                result = _quantize_into(cfg, work, device, dtype, quiet, tokenizer, windows,
+                                        resume if cfg.save_state else None)
             atomic_write_json(work / "result.json", result)
     except BaseException:
-        if holder and holder[0].layers_done:
+        if cfg.save_state and resume.layers_done:
             log.error("run stopped after %d layers; its state is in %s: rerun the same command "
-                      "with --resume to continue", holder[0].layers_done, holder[0].folder)
+                      "with --resume to continue", resume.layers_done, resume.folder)
         raise
-    if holder:
-        holder[0].finish()
+    resume.finish()
     return final
 
 
@@ -253,20 +251,14 @@ def calibrate_and_quantize(
     return records, stats, timing
 
 
-def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool,
-                   holder: list[ResumeState]) -> dict:
+def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool, tokenizer,
+                   windows: torch.Tensor, resume: ResumeState | None) -> dict:
     t_start = time.perf_counter()
     log.info("run %s on %s (%s)", cfg.run_name, device, dtype)
     if cfg.low_memory and resolve_model_path(cfg.model)[1] is not None:
         raise ValueError("--low-memory reads safetensors shards; convert the .gguf to a folder first")
-    tokenizer = load_tokenizer(cfg.model)
     reset_peak_memory(device)
     state = None
-    windows = calibration_windows(cfg, tokenizer)
-    resume = None
-    if cfg.save_state:
-        resume = open_state(cfg, windows)
-        holder.append(resume)
     with AnonPeak() as anon:
         if cfg.low_memory:
             model, state, hooks = _lazy_model(cfg, dtype)
