@@ -126,6 +126,8 @@ def quantize_model(cfg: RunConfig, quiet: bool = False) -> Path:
     check_not_taken(final, cfg.overwrite)
     if cfg.resume and not cfg.save_state:
         raise ValueError("--resume needs the saved state: drop --no-save-state")
+    if cfg.low_memory and resolve_model_path(cfg.model)[1] is not None:
+        raise ValueError("--low-memory reads safetensors shards; convert the .gguf to a folder first")
     tokenizer = load_tokenizer(cfg.model)
     windows = calibration_windows(cfg, tokenizer)
     resume = open_state(cfg, windows)  # refuses to drop a saved state silently
@@ -255,8 +257,6 @@ def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool, token
                    windows: torch.Tensor, resume: ResumeState | None) -> dict:
     t_start = time.perf_counter()
     log.info("run %s on %s (%s)", cfg.run_name, device, dtype)
-    if cfg.low_memory and resolve_model_path(cfg.model)[1] is not None:
-        raise ValueError("--low-memory reads safetensors shards; convert the .gguf to a folder first")
     reset_peak_memory(device)
     state = None
     with AnonPeak() as anon:
