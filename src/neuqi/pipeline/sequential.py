@@ -228,7 +228,7 @@ def quantize_weight(
 
 
 @torch.no_grad()
-def restore_layer(layer: nn.Module, prefix: str, adapter: Adapter, records: dict[str, QuantizedLinear],
+def restore_layer(layer: nn.Module, prefix: str, records: dict[str, QuantizedLinear],
                   opts: QuantConfig) -> None:
     """Give a layer finished by an earlier, interrupted run its de-quantized weights."""
     for full, q in records.items():
@@ -274,7 +274,7 @@ def quantize_layers(
         for i in range(start):
             if before_layer is not None:
                 before_layer(i, layers[i])
-            restore_layer(layers[i], f"{adapter.layers}.{i}.", adapter, records, opts)
+            restore_layer(layers[i], f"{adapter.layers}.{i}.", records, opts)
             if after_layer is not None:
                 after_layer(i, layers[i])
         saved = resume.hidden(len(batches))
