@@ -19,6 +19,7 @@ import torch
 
 from neuqi.quant import ALGORITHMS, INIT_METHODS, QuantSpec
 from neuqi.quant.gguf_types import GGUF_INITS, GGUF_TYPES, GGUFType, gguf_type
+from neuqi.quant.init import check_init_norm
 
 DEFAULT_DAMP = 0.01
 DEFAULT_MOE_PRIOR_TOKENS = 4096
@@ -69,6 +70,9 @@ class QuantConfig:
            "solving again each round (0: the paper's fixed parameters)")
     h_power: float = option(
         1.0, "the init weighs input j by diag(H)_j ** POWER (1: the paper's; 0: unweighted)")
+    init_norm: float = option(
+        2.0, "neuqi_int: the init minimises Σ diag(H)·|w − ŵ|^NORM (2: the paper's squared error; "
+             "3 weighs the large, clipped errors that LDLQ's feedback cannot make up)")
     act_order: bool = option(True, "process columns in decreasing diag(H) order")
     damp: float = option(DEFAULT_DAMP, "Hessian damping, as a fraction of its mean diagonal")
     gguf: str | None = option(
@@ -106,6 +110,8 @@ class QuantConfig:
             raise ValueError(f"--init must be one of {INIT_METHODS}, got {self.init!r}")
         if self.max_clip is not None and (self.init != "neuqi" or not self.max_clip >= 0):
             raise ValueError(f"--max-clip needs --init neuqi and a value >= 0, got {self.max_clip!r}")
+        if (why := check_init_norm(self.init_norm, self.init)) is not None:
+            raise ValueError(f"--init-norm: {why}")
         if not 0 <= self.h_power <= 4:
             raise ValueError(f"--h-power must be in [0, 4], got {self.h_power!r}")
         if self.refit < 0:
@@ -190,6 +196,8 @@ class QuantConfig:
             parts.append("sel-" + "-".join(self.also_inits))
         if self.refit:
             parts.append(f"refit{self.refit}")
+        if self.init_norm != 2.0:
+            parts.append(f"norm{self.init_norm:g}")
         if self.h_power != 1.0:
             parts.append(f"hpow{self.h_power:g}")
         if self.magr:

@@ -214,6 +214,7 @@ def quantize_weight(
         also_inits=opts.also_inits,
         refit=opts.refit,
         h_power=opts.h_power,
+        init_norm=opts.init_norm,
     )
     w_hat = dequantize(res.codes, res.params, spec)
     weight.copy_(w_hat.to(weight.dtype))

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from neuqi.quant.gguf_types import GGUFType, gguf_params
 from neuqi.quant.grid import QuantParams, QuantSpec, check_finite, check_weight, dequantize
-from neuqi.quant.init import InitMethod, init_params
+from neuqi.quant.init import InitMethod, check_init_norm, init_params
 from neuqi.quant.magr import magr_preprocess
 from neuqi.quant.refit import refit_params, row_losses
 
@@ -172,6 +172,7 @@ def gptq_quantize(
     refit: int = 0,
     refit_tol: float = 1e-3,
     h_power: float = 1.0,
+    init_norm: float = 2.0,
 ) -> GPTQResult:
     """Quantize ``w: [out, in]`` against the second-moment matrix ``H: [in, in]``.
 
@@ -218,6 +219,8 @@ def gptq_quantize(
         raise ValueError(f"refit must be >= 0 rounds, got {refit!r}")
     if not 0 <= h_power <= 4:
         raise ValueError(f"h_power must be in [0, 4], got {h_power!r}")
+    if (why := check_init_norm(init_norm, init)) is not None:
+        raise ValueError(why)
     if mixed := [m for m in also_inits if (m == "neuqi") != (init == "neuqi")]:
         raise ValueError(f"also_inits {mixed} would mix float and integer zero-points with "
                          f"init {init!r}; candidates must share the init's kind of zero")
@@ -241,7 +244,7 @@ def gptq_quantize(
     if gguf is not None:
         params = gguf_params(W, gguf, init, h_diag)
     else:
-        params = init_params(W, spec, init, h_diag, clip=clip, max_clip=max_clip)
+        params = init_params(W, spec, init, h_diag, clip=clip, max_clip=max_clip, norm=init_norm)
     if param_dtype is not None and gguf is None:
         params = round_params(params, param_dtype)
     t_init = time.perf_counter()
