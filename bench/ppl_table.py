@@ -59,6 +59,7 @@ METHODS: dict[str, dict] = {
     "NeUQI+LDLQ refit": {"method": "ldlq", "init": "neuqi", "refit": 4},
     # |w − ŵ|^3 in the init: LDLQ's feedback makes up small errors, not clipped ones.
     "NeUQI_int+LDLQ norm3": {"method": "ldlq", "init": "neuqi_int", "init_norm": 3.0},
+    "NeUQI+LDLQ norm3": {"method": "ldlq", "init": "neuqi", "init_norm": 3.0},
     "NeUQI_int+LDLQ hpow0": {"method": "ldlq", "init": "neuqi_int", "h_power": 0.0},
     "NeUQI_int+LDLQ hpow0.5": {"method": "ldlq", "init": "neuqi_int", "h_power": 0.5},
     "MSE+LDLQ hpow0": {"method": "ldlq", "init": "mse", "h_power": 0.0},

@@ -56,7 +56,7 @@ def method_label(cfg: dict) -> str:
     if cfg.get("refit"):
         label += f" refit{cfg['refit']}"
     if cfg.get("init_norm", 2.0) != 2.0:
-        label += f" |e|^{cfg['init_norm']:g}"
+        label += f" norm{cfg['init_norm']:g}"
     if cfg.get("h_power", 1.0) != 1.0:
         label += f" diag(H)^{cfg['h_power']:g}"
     if cfg.get("distilled"):

@@ -69,8 +69,8 @@ def test_norm_two_is_the_paper_search():
     assert torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
 
 
-@pytest.mark.parametrize("init,norm", [("neuqi", 3.0), ("minmax", 3.0), ("neuqi_int", 0.5),
-                                       ("neuqi_int", 9.0)])
+@pytest.mark.parametrize("init,norm", [("mse", 3.0), ("minmax", 3.0), ("neuqi_int", 0.5),
+                                       ("neuqi", 9.0)])
 def test_bad_norms_are_refused(init, norm):
     w = torch.randn(4, 64)
     with pytest.raises(ValueError, match="norm"):
@@ -86,4 +86,21 @@ def test_config_names_and_checks_the_norm():
     assert "norm2.5" in QuantConfig(init="neuqi_int", init_norm=2.5).name_parts()
     assert not any(p.startswith("norm") for p in QuantConfig(init="neuqi_int").name_parts())
     with pytest.raises(ValueError, match="--init-norm"):
-        QuantConfig(init="neuqi", init_norm=3.0)
+        QuantConfig(init="minmax", init_norm=3.0)
+    with pytest.raises(ValueError, match="--init-norm"):
+        QuantConfig(gguf="Q4_1", init="neuqi", init_norm=3.0)
+
+
+def test_float_lp_init_lowers_the_lp_loss_and_never_raises_it():
+    """The reweighted rounds keep, per group, the best grid under |e|^p, the
+    squared-error grid included."""
+    torch.manual_seed(2)
+    spec = QuantSpec(2, 64)
+    w = torch.distributions.StudentT(3.0).sample((48, 256)) * 0.02
+    h = torch.rand(256) + 0.1
+    l2 = init_params(w, spec, "neuqi", h)
+    l3 = init_params(w, spec, "neuqi", h, norm=3.0)
+    a = lp_error(w, fake_quantize(w, l2, spec), h, spec, 3.0)
+    b = lp_error(w, fake_quantize(w, l3, spec), h, spec, 3.0)
+    assert (b <= a * (1 + 1e-6)).all()
+    assert b.sum() < 0.98 * a.sum()

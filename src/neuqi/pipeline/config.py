@@ -71,7 +71,7 @@ class QuantConfig:
     h_power: float = option(
         1.0, "the init weighs input j by diag(H)_j ** POWER (1: the paper's; 0: unweighted)")
     init_norm: float = option(
-        2.0, "neuqi_int: the init minimises Σ diag(H)·|w − ŵ|^NORM (2: the paper's squared error; "
+        2.0, "neuqi, neuqi_int: the init minimises Σ diag(H)·|w − ŵ|^NORM (2: the paper's squared error; "
              "3 weighs the large, clipped errors that LDLQ's feedback cannot make up)")
     act_order: bool = option(True, "process columns in decreasing diag(H) order")
     damp: float = option(DEFAULT_DAMP, "Hessian damping, as a fraction of its mean diagonal")
@@ -100,6 +100,8 @@ class QuantConfig:
                 raise ValueError(f"--gguf {t.name} takes --init {' or '.join(GGUF_INITS)}, got {self.init!r}")
             if self.max_clip is not None:
                 raise ValueError("--max-clip is not available with --gguf")
+            if self.init_norm != 2.0:
+                raise ValueError("--init-norm is not available with --gguf")
         if self.gguf_tensor and self.gguf is None:
             raise ValueError("--gguf-tensor overrides the type of --gguf: give --gguf TYPE too")
         self.gguf_tensor = ",".join(f"{n}={t.name}" for n, t in self.tensor_types().items())

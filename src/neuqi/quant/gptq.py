@@ -221,6 +221,8 @@ def gptq_quantize(
         raise ValueError(f"h_power must be in [0, 4], got {h_power!r}")
     if (why := check_init_norm(init_norm, init)) is not None:
         raise ValueError(why)
+    if gguf is not None and init_norm != 2.0:
+        raise ValueError("init_norm is not available with GGUF types")
     if mixed := [m for m in also_inits if (m == "neuqi") != (init == "neuqi")]:
         raise ValueError(f"also_inits {mixed} would mix float and integer zero-points with "
                          f"init {init!r}; candidates must share the init's kind of zero")

@@ -783,15 +783,20 @@ def _init_neuqi_int(
 LP_COARSE = 32
 LP_FINE = 512
 LP_KEEP = 2
+# Float zero (``neuqi``): reweighted rounds of the exact squared-error search.
+LP_IRLS_ROUNDS = 1
+# Errors below this fraction of a step keep this much of their weight in a reweighted
+# round (an exact fit would otherwise get weight 0 and be free to move).
+LP_IRLS_FLOOR = 0.1
 
 
 def check_init_norm(norm: float, init: str) -> str | None:
     """Why ``norm`` cannot go with ``init`` (None when it can): the L_p objective is
-    NeUQI_int's search with another exponent, so it needs ``init="neuqi_int"``."""
+    NeUQI's or NeUQI_int's search with another exponent."""
     if not 1.0 <= norm <= 8.0:
         return f"the init norm must be in [1, 8], got {norm!r}"
-    if norm != 2.0 and init != "neuqi_int":
-        return f"an init norm other than 2 needs init 'neuqi_int', got {init!r}"
+    if norm != 2.0 and init not in ("neuqi", "neuqi_int"):
+        return f"an init norm other than 2 needs init 'neuqi' or 'neuqi_int', got {init!r}"
     return None
 
 
@@ -800,7 +805,8 @@ def _lp_losses_chunk(wg: Tensor, hg: Tensor, s: Tensor, z: Tensor, maxq: int, no
     u = wg[:, None, :] / s[:, :, None]
     v = u + z[:, :, None]
     e = (v - torch.clamp(torch.round(v), 0, maxq)).abs()
-    return (hg[:, None, :] * e.pow(norm)).sum(-1) * s.pow(norm)
+    ep = e * e * e if norm == 3.0 else e.pow(norm)  # a cube by products: no exp/log
+    return (hg[:, None, :] * ep).sum(-1) * s.pow(norm)
 
 
 def lp_losses(wg: Tensor, hg: Tensor, s: Tensor, z: Tensor, maxq: int, norm: float) -> Tensor:
@@ -858,6 +864,34 @@ def _init_int_lp(
     return s.gather(1, best).squeeze(1), z.gather(1, best).squeeze(1)
 
 
+def _init_float_lp(
+    wg: Tensor, hg: Tensor, maxq: int, norm: float, rounds: int = LP_IRLS_ROUNDS, **neuqi_kw
+) -> tuple[Tensor, Tensor]:
+    """Float zero and scale for ``Σ_j h_j |w_j − ŵ_j|^norm``, by reweighting.
+
+    For the codes of a grid, ``|e|^norm = (|e|^(norm−2)) · e²``: the exact squared-error
+    search (:func:`_init_neuqi`) runs again with weights ``h_j · |e_j/s|^(norm−2)`` from
+    the last grid's errors (iteratively reweighted least squares), floored at
+    ``LP_IRLS_FLOOR``.  Each group keeps the grid with the lowest ``|e|^norm`` loss, the
+    squared-error grid included, so a round never makes a group worse.
+    """
+    def lp(s: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        e = (wg - s[:, None] * (torch.clamp(torch.round(wg / s[:, None] + z[:, None]), 0, maxq)
+                                - z[:, None])).abs()
+        return (hg * e.pow(norm)).sum(1), e / s[:, None]
+
+    s, z = _init_neuqi(wg, hg, maxq, **neuqi_kw)
+    best_l, e = lp(s, z)
+    best_s, best_z = s, z
+    for _ in range(rounds):
+        s, z = _init_neuqi(wg, hg * e.clamp_min(LP_IRLS_FLOOR).pow(norm - 2), maxq, **neuqi_kw)
+        loss, e = lp(s, z)
+        better = loss < best_l
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+        best_l = torch.where(better, loss, best_l)
+    return best_s, best_z
+
+
 def dense_scale_search(
     w: Tensor, spec: QuantSpec, h_diag: Tensor | None, n_scales: int = 1000, max_ratio: float = 1.25
 ) -> Tensor:
@@ -891,8 +925,8 @@ def init_params(
     ``clip`` shrinks the min-max range (MagR's recipe); ``grid`` overrides the number
     of shrink steps of ``mse``.  ``max_clip`` (NeUQI only) bounds how many steps
     beyond the grid's ends any weight may lie (None: no bound, the paper's method).
-    ``norm`` (``neuqi_int`` only) replaces the squared error by ``|w − ŵ|^norm``
-    (:func:`_init_int_lp`).
+    ``norm`` (``neuqi``, ``neuqi_int``) replaces the squared error by ``|w − ŵ|^norm``
+    (:func:`_init_float_lp`, :func:`_init_int_lp`).
     Returns ``QuantParams(scale, zero)`` with shapes ``[out, n_groups]``.
     """
     check_weight(w)
@@ -917,7 +951,10 @@ def init_params(
     elif method == "mse":
         scale, zero = _init_mse(wg, hg, maxq, grid=grid or 100)
     elif method == "neuqi":
-        scale, zero = _init_neuqi(wg, hg, maxq, max_clip=max_clip)
+        if norm != 2.0:
+            scale, zero = _init_float_lp(wg, hg, maxq, norm, max_clip=max_clip)
+        else:
+            scale, zero = _init_neuqi(wg, hg, maxq, max_clip=max_clip)
         far = torch.nonzero((zero < -FLOAT_ZERO_LIMIT) | (zero > maxq + FLOAT_ZERO_LIMIT),
                             as_tuple=True)[0]
         if far.numel():  # rare: near-constant groups far from 0; search them again bounded
