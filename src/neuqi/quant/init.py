@@ -735,6 +735,17 @@ def _int_zero_losses_chunk(wg: Tensor, hg: Tensor, s: Tensor, z: Tensor, maxq: i
     return ((hg[:, None, :] * e * e).sum(-1) * s * s).amin(1)
 
 
+def _candidate_int_zeros(wg: Tensor, s0: Tensor, maxq: int) -> Tensor:
+    """The integer zeros an integer-zero search tries, ``[G, Z]``: all of ``0..maxq``,
+    or the ``NEUQI_INT_MAX_ZEROS`` nearest min-max's zero when there are more."""
+    G = wg.shape[0]
+    n_zeros = min(maxq + 1, NEUQI_INT_MAX_ZEROS)
+    if n_zeros == maxq + 1:
+        return torch.arange(maxq + 1, device=wg.device, dtype=wg.dtype).expand(G, -1)
+    centre = torch.clamp(torch.round(-wg.amin(1) / s0) - n_zeros // 2, 0, maxq + 1 - n_zeros)
+    return centre[:, None] + torch.arange(n_zeros, device=wg.device, dtype=wg.dtype)
+
+
 def _init_neuqi_int(
     wg: Tensor, hg: Tensor, maxq: int, coarse: int = NEUQI_COARSE,
     max_ratio: float = NEUQI_MAX_RATIO, keep: int = NEUQI_INT_ZEROS,
@@ -750,12 +761,8 @@ def _init_neuqi_int(
     """
     G, n = wg.shape
     s0 = minmax_scale(wg, maxq)
-    n_zeros = min(maxq + 1, NEUQI_INT_MAX_ZEROS)
-    if n_zeros == maxq + 1:
-        zeros = torch.arange(maxq + 1, device=wg.device, dtype=wg.dtype).expand(G, -1)
-    else:
-        centre = torch.clamp(torch.round(-wg.amin(1) / s0) - n_zeros // 2, 0, maxq + 1 - n_zeros)
-        zeros = centre[:, None] + torch.arange(n_zeros, device=wg.device, dtype=wg.dtype)
+    zeros = _candidate_int_zeros(wg, s0, maxq)
+    n_zeros = zeros.shape[1]
     if keep < n_zeros:
         ratios = torch.arange(1, round(coarse * max_ratio) + 1, device=wg.device, dtype=wg.dtype) / coarse
         chunk = _chunk_rows(n * ratios.numel(), wg.device)
@@ -839,12 +846,8 @@ def _init_int_lp(
     """
     G = wg.shape[0]
     s0 = minmax_scale(wg, maxq)
-    n_zeros = min(maxq + 1, NEUQI_INT_MAX_ZEROS)
-    if n_zeros == maxq + 1:
-        zeros = torch.arange(maxq + 1, device=wg.device, dtype=wg.dtype).expand(G, -1)
-    else:
-        centre = torch.clamp(torch.round(-wg.amin(1) / s0) - n_zeros // 2, 0, maxq + 1 - n_zeros)
-        zeros = centre[:, None] + torch.arange(n_zeros, device=wg.device, dtype=wg.dtype)
+    zeros = _candidate_int_zeros(wg, s0, maxq)
+    n_zeros = zeros.shape[1]
     ratios = torch.arange(1, round(coarse * max_ratio) + 1, device=wg.device, dtype=wg.dtype) / coarse
     K = ratios.numel()
     s = (s0[:, None] * ratios[None, :]).repeat_interleave(n_zeros, dim=1)  # [G, K·Z]
