@@ -189,6 +189,9 @@ def gptq_quantize(
     unweighted, as a weight-only observer).  It tests whether the error feedback,
     which moves error onto low-importance columns, wants their grid weighed more;
     on SmolLM2 at 2-bit g64 it did not (docs/results/param-choice-smollm2-135m.md).
+    ``init_norm`` makes the init (``neuqi``, ``neuqi_int``) minimise ``|w − ŵ|^p``
+    instead of the square: with 3 the clipped errors that the solver cannot make up
+    weigh more, which won end to end at 2 bits (same page).
 
     Beyond the paper (both measured against the proxy loss the solver leaves, row by
     row, on the undamped H — the layer's output error; the damping only steadies the
