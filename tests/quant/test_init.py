@@ -1,6 +1,8 @@
 """NeUQI's parameter search: exact best zero-point, near-optimal scale, never worse
 than min-max on the weighted objective."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -231,3 +233,24 @@ def test_float_zero_stays_where_float16_holds_it():
     w2 = torch.randn(4, 64) * 0.02
     assert torch.equal(init_params(w2, spec, "neuqi", h).zero.abs() <= init_mod.FLOAT_ZERO_LIMIT,
                        torch.ones(4, 1, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("maxq", [3, 7, 15, 255])
+def test_windowed_sweep_equals_the_whole_bracket(maxq):
+    """The sweep looks only where the shift argument of ``_sweep_windows`` puts a
+    minimiser; near the min-max scale that is a few windows, not ``maxq``."""
+    torch.manual_seed(maxq)
+    w = torch.distributions.StudentT(3.0).sample((4000, 64)).double()
+    h = torch.rand(4000, 64).double() ** 3
+    h[:100, ::2] = 0.0
+    ratio = torch.linspace(0.3, 1.3, 4000, dtype=torch.float64)
+    s = init_mod.minmax_scale(w, maxq) * ratio
+    u = w / s[:, None]
+    u[-50:] = 2.5  # constant groups
+    z, loss = best_zero(u, h, maxq)
+    _, whole = init_mod._zero_sweep(u, h, maxq, None, torch.arange(maxq, dtype=torch.float64), None, None)
+    torch.testing.assert_close(loss_at(u, h, z, maxq), loss.double(), rtol=1e-9, atol=1e-12)
+    assert (loss <= whole * (1 + 1e-9) + 1e-12).all()
+    _, windows = init_mod._sweep_windows(u[:3000], h[:3000], maxq)
+    near = (ratio[:3000] > 0.9) & (ratio[:3000] < 1.1)
+    assert windows[near].max() <= min(maxq, 2 + math.ceil(maxq * (1 / 0.9 - 1)) + 1)
