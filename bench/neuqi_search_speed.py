@@ -1,7 +1,7 @@
 """Seconds and optimality of NeUQI's parameter search, one variant per change, side by side.
 
     python bench/neuqi_search_speed.py [--model smollm2-135m] [--layer 3] [--repeat 1]
-        [--specs 3:64,2:64,3:-1,4:-1,4:64] [--rows 64]
+        [--specs 3:64,2:64,3:-1,4:-1,4:64] [--rows 64] [--variants all]
 
 NeUQI (float zero), each variant adding one change to the one before:
 
@@ -13,8 +13,11 @@ NeUQI (float zero), each variant adding one change to the one before:
   (:func:`neuqi.quant.init.upper_bounds`); the best of those seeds the exact search.
 - ``+lloyd``: the refinement's exact scale sweep replaced by the least-squares scale
   for the current codes (three rounds).
-- ``default``: as ``+lloyd``, with the upper bounds only on rows of 256 or more
-  (``UB_MIN_LEN``; on groups of 64 they cost more than they save).
+- ``+UB on long rows``: as ``+lloyd``, with the upper bounds only on rows of 256 or
+  more (``UB_MIN_LEN``; on groups of 64 they cost more than they save).
+- ``default``: as ``+UB on long rows``, with every exact zero sweep over the few unit
+  windows that hold a minimiser (:func:`neuqi.quant.init._sweep_windows`) instead of
+  all ``maxq`` of the bracket.  Every earlier variant sweeps the whole bracket.
 
 NeUQI_int: the exact scale sweep for every integer zero (``all zeros``, the search of
 9152b71) against the sweep for the 3 zeros the coarse grid ranks best (``top-3``); their
@@ -41,7 +44,7 @@ from neuqi.quant import QuantSpec
 from neuqi.quant import init as init_mod
 from neuqi.quant.init import dense_scale_search, group_loss, to_groups
 
-NEUQI_VARIANTS = ("before", "+rounding bound", "+upper bounds", "+lloyd", "default")
+NEUQI_VARIANTS = ("before", "+rounding bound", "+upper bounds", "+lloyd", "+UB on long rows", "default")
 OLD_ROUND_BOUND_MIN_LEN = 256  # 9152b71 used the binned bound on long groups only
 
 
@@ -49,7 +52,13 @@ OLD_ROUND_BOUND_MIN_LEN = 256  # 9152b71 used the binned bound on long groups on
 def variant(name: str):
     """Patch ``init_mod`` so that ``_init_neuqi`` runs as ``name``."""
     saved_bound, saved_init = init_mod._rounding_bound, init_mod._init_neuqi
+    saved_windows = init_mod._sweep_windows
     original = init_mod._rounding_bound
+
+    def whole_bracket(u, h, maxq):
+        ud, hd = u.double(), h.double()
+        start = -(hd * ud).sum(1) / hd.sum(1)
+        return start, torch.full_like(start, maxq, dtype=torch.long)
 
     def long_rows_only(ws, hs, spans, hp, s, maxq, *a):
         if ws.shape[1] < OLD_ROUND_BOUND_MIN_LEN:
@@ -61,15 +70,19 @@ def variant(name: str):
         "+rounding bound": dict(upper_bound=False, refine="sweep", rounds=2),
         "+upper bounds": dict(upper_bound=True, refine="sweep", rounds=2),
         "+lloyd": dict(upper_bound=True),
+        "+UB on long rows": {},
         "default": {},
     }[name]
     if name == "before":
         init_mod._rounding_bound = long_rows_only
+    if name != "default":
+        init_mod._sweep_windows = whole_bracket
     init_mod._init_neuqi = lambda *a, **k: saved_init(*a, **{**k, **opts})
     try:
         yield
     finally:
         init_mod._rounding_bound, init_mod._init_neuqi = saved_bound, saved_init
+        init_mod._sweep_windows = saved_windows
 
 
 def run_block(layers, spec: QuantSpec, fn, repeat: int) -> tuple[float, list]:
@@ -101,8 +114,14 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--specs", default="3:64,2:64,3:-1,4:-1,4:64", help="bits:group,...")
     ap.add_argument("--rows", type=int, default=64, help="rows per linear for the optimality ratio")
+    ap.add_argument("--variants", default="all",
+                    help=f"NeUQI variants to run, comma-separated, or 'all' ({', '.join(NEUQI_VARIANTS)})")
+    ap.add_argument("--no-int", action="store_true", help="skip the NeUQI_int rows")
     args = ap.parse_args()
     specs = [QuantSpec(int(b), int(g)) for b, g in (c.split(":") for c in args.specs.split(","))]
+    variants = NEUQI_VARIANTS if args.variants == "all" else tuple(args.variants.split(","))
+    if unknown := set(variants) - set(NEUQI_VARIANTS):
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(NEUQI_VARIANTS)}")
     torch.manual_seed(0)
     layers = [(n, w.float(), torch.diagonal(H).float()) for n, w, H in block_layers(args.layer, args.model)]
     suffix = "" if args.model == "smollm2-135m" else f".{args.model}"
@@ -112,28 +131,29 @@ def main() -> None:
         name = f"{spec.bits}b{'ch' if spec.group_size == -1 else 'g' + str(spec.group_size)}"
         dense = [dense_scale_search(w[: args.rows], spec, h) for _, w, h in layers]
         row = {"spec": name, "neuqi": {}, "neuqi_int": {}}
-        for v in NEUQI_VARIANTS:
+        for v in variants:
             with variant(v):
                 run_block(layers[:1], spec, init_mod._init_neuqi, 1)  # compile outside the clock
                 secs, params = run_block(layers, spec, init_mod._init_neuqi, args.repeat)
             row["neuqi"][v] = {"seconds": secs, **ratios(layers, spec, params, dense, args.rows)}
             print(f"{name:5s} neuqi {v:16s} {secs:7.2f} s  mean {row['neuqi'][v]['mean']:.6f}  "
                   f"worst {row['neuqi'][v]['worst']:.4f}", flush=True)
-        int_params = {}
-        for v, keep in (("all zeros", 1 << 30), ("top-3", init_mod.NEUQI_INT_ZEROS)):
-            fn = lambda wg, hg, maxq, keep=keep: init_mod._init_neuqi_int(wg, hg, maxq, keep=keep)  # noqa: E731
-            run_block(layers[:1], spec, fn, 1)
-            secs, int_params[v] = run_block(layers, spec, fn, args.repeat)
-            row["neuqi_int"][v] = {"seconds": secs}
-        worst = 0.0
-        for (_, w, h), a, b in zip(layers, int_params["all zeros"], int_params["top-3"], strict=True):
-            wg, hg, _ = to_groups(w, spec, h)
-            la, lb = (group_loss(wg, hg, s, z, spec.maxq).double() for s, z in (a, b))
-            worst = max(worst, float((lb / la.clamp_min(1e-30)).max()))
-        row["neuqi_int"]["top-3 / all zeros, worst group"] = worst
-        print(f"{name:5s} neuqi_int all zeros {row['neuqi_int']['all zeros']['seconds']:7.2f} s  "
-              f"top-3 {row['neuqi_int']['top-3']['seconds']:7.2f} s  worst loss ratio {worst:.6f}",
-              flush=True)
+        if not args.no_int:
+            int_params = {}
+            for v, keep in (("all zeros", 1 << 30), ("top-3", init_mod.NEUQI_INT_ZEROS)):
+                fn = lambda wg, hg, maxq, keep=keep: init_mod._init_neuqi_int(wg, hg, maxq, keep=keep)  # noqa: E731
+                run_block(layers[:1], spec, fn, 1)
+                secs, int_params[v] = run_block(layers, spec, fn, args.repeat)
+                row["neuqi_int"][v] = {"seconds": secs}
+            worst = 0.0
+            for (_, w, h), a, b in zip(layers, int_params["all zeros"], int_params["top-3"], strict=True):
+                wg, hg, _ = to_groups(w, spec, h)
+                la, lb = (group_loss(wg, hg, s, z, spec.maxq).double() for s, z in (a, b))
+                worst = max(worst, float((lb / la.clamp_min(1e-30)).max()))
+            row["neuqi_int"]["top-3 / all zeros, worst group"] = worst
+            print(f"{name:5s} neuqi_int all zeros {row['neuqi_int']['all zeros']['seconds']:7.2f} s  "
+                  f"top-3 {row['neuqi_int']['top-3']['seconds']:7.2f} s  worst loss ratio {worst:.6f}",
+                  flush=True)
         rows.append(row)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"model": args.model, "layer": args.layer, "rows_for_ratio": args.rows,
