@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from safetensors import safe_open
 
 from neuqi.io_utils import atomic_write_json
 from neuqi.pipeline import resume as resume_mod
@@ -58,6 +59,9 @@ def test_a_run_interrupted_mid_layer_resumes_to_the_uninterrupted_checkpoint(
     assert sorted(p.name for p in states.iterdir()) == [
         "hidden-00002.safetensors", "layer-00000.safetensors", "layer-00001.safetensors", "state.json"]
     assert not (tmp_path / "b" / cfg.run_name).exists()  # nothing that looks finished
+    made = [json.loads(safe_open(states / f"layer-0000{i}.safetensors", "pt").metadata()["neuqi"])["seconds"]
+            for i in (0, 1)]
+    assert all(t > 0 for t in made)
     # the same command again is refused: it would throw the finished layers away
     with pytest.raises(FileExistsError, match="--resume"):
         quantize_model(cfg, quiet=True)
@@ -70,7 +74,11 @@ def test_a_run_interrupted_mid_layer_resumes_to_the_uninterrupted_checkpoint(
                                     resume=True), quiet=True)
     assert {n.split(".")[2] for n in done} == {"2", "3"}
     same_run(whole, resumed)
-    assert json.loads((resumed / "result.json").read_text())["timing"]["resumed_at_layer"] == 2
+    timing = json.loads((resumed / "result.json").read_text())["timing"]
+    assert timing["resumed_at_layer"] == 2
+    # the run's time counts the interrupted process's finished layers too
+    assert timing["quantize_seconds_before_resume"] == pytest.approx(sum(made))
+    assert timing["quantize_seconds"] == pytest.approx(timing["quantize_seconds_this_process"] + sum(made))
     assert not states.exists()  # a finished run leaves no state behind
 
 

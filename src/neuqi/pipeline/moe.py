@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neuqi.formats.checkpoint import QuantizedLinear
+from neuqi.memory import release_freed_memory
 from neuqi.models.adapters import Experts
 from neuqi.pipeline.config import QuantConfig
 from neuqi.pipeline.sequential import Batch, HessianAccumulator, forward_until, quantize_weight
@@ -97,6 +98,9 @@ def quantize_experts(
                        _hessian(act_inputs(e, x)) if prior else None, n)
         _quantize_expert(down[e], h_down, f"{prefix}.{layout.down}", e, opts, info, records, stats)
         del h_down
+        # the expert's packed codes now sit between its freed temporaries on the heap;
+        # give those pages back, or the heap grows by them with every expert
+        release_freed_memory()
     return records, stats
 
 

@@ -78,6 +78,8 @@ class ResumeState:
     resumed_from: int = 0  # layers_done when opened
     records: dict[str, QuantizedLinear] = field(default_factory=dict)
     stats: list[dict] = field(default_factory=list)
+    # wall seconds each restored layer took in the run that made it (None: not recorded)
+    layer_seconds: list[float | None] = field(default_factory=list)
 
     @classmethod
     def open(cls, folder: Path, fingerprint: dict, resume: bool, overwrite: bool = False) -> ResumeState:
@@ -135,6 +137,15 @@ class ResumeState:
         for name, m in meta["linears"].items():
             self.records[name] = _record_from(tensors, name, m)
         self.stats += meta["stats"]
+        self.layer_seconds.append(meta.get("seconds"))
+
+    @property
+    def seconds_before(self) -> float | None:
+        """Wall seconds the restored layers took when they were made (None when a state
+        written before this was recorded lacks them)."""
+        if any(s is None for s in self.layer_seconds):
+            return None
+        return float(sum(self.layer_seconds))
 
     def hidden(self, n_batches: int) -> list[Tensor]:
         """The saved activations entering layer ``layers_done``, one per batch."""
@@ -148,7 +159,7 @@ class ResumeState:
         return [tensors[f"batch{b}"] for b in range(n_batches)]
 
     def save_layer(self, i: int, n_layers: int, records: dict[str, QuantizedLinear], stats: list[dict],
-                   hidden: list[Tensor]) -> None:
+                   hidden: list[Tensor], seconds: float | None = None) -> None:
         """Layer ``i`` is finished: its records, then the next layer's inputs, then the commit."""
         tensors: dict[str, Tensor] = {}
         linears = {}
@@ -156,7 +167,7 @@ class ResumeState:
             tensors.update(_record_tensors(name, q))
             linears[name] = {"in_features": q.in_features, "bits": q.bits, "gguf_type": q.gguf_type,
                              "expert_of": q.expert_of}
-        meta = {"neuqi": json.dumps({"linears": linears, "stats": stats}, default=float)}
+        meta = {"neuqi": json.dumps({"linears": linears, "stats": stats, "seconds": seconds}, default=float)}
         with atomic_path(self._layer_path(i), ".safetensors") as tmp:
             save_file(tensors, tmp, metadata=meta)
         with atomic_path(self._hidden_path(i + 1), ".safetensors") as tmp:

@@ -269,7 +269,13 @@ def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool, token
             records, stats, timing = calibrate_and_quantize(cfg, model, tokenizer, device, quiet,
                                                             windows=windows, resume=resume)
         if resume is not None and resume.resumed_from:
-            timing["resumed_at_layer"] = resume.resumed_from  # timings cover the layers after it
+            # quantize_seconds: this process's layers plus the restored layers' recorded time
+            timing["resumed_at_layer"] = resume.resumed_from
+            timing["quantize_seconds_this_process"] = timing["quantize_seconds"]
+            before = resume.seconds_before
+            timing["quantize_seconds_before_resume"] = before
+            if before is not None:
+                timing["quantize_seconds"] += before
 
         run_info = {"config": cfg.to_dict(), "environment": environment(device)}
         write_checkpoint(model, records, cfg.spec, cfg.zero_point, cfg.act_order, work, tokenizer,

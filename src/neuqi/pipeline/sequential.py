@@ -315,12 +315,13 @@ def quantize_layers(
         release_freed_memory()
         prefix = f"{adapter.layers}.{i}."
         layer_stats = [s for s in stats if s["name"].startswith(prefix)]
+        seconds = time.perf_counter() - t0
         if resume is not None:
             resume.save_layer(i, len(layers), {k: v for k, v in records.items() if k.startswith(prefix)},
-                              layer_stats, [b.hidden for b in batches])
+                              layer_stats, [b.hidden for b in batches], seconds)
         summary = {
             "layer": i,
-            "seconds": time.perf_counter() - t0,
+            "seconds": seconds,
             "quant_loss": sum(s["quant_loss"] for s in layer_stats),
         }
         log.debug("layer %d: %.2fs, loss %.4g", i, summary["seconds"], summary["quant_loss"])
