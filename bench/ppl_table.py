@@ -60,6 +60,8 @@ METHODS: dict[str, dict] = {
     # |w − ŵ|^3 in the init: LDLQ's feedback makes up small errors, not clipped ones.
     "NeUQI_int+LDLQ norm3": {"method": "ldlq", "init": "neuqi_int", "init_norm": 3.0},
     "NeUQI+LDLQ norm3": {"method": "ldlq", "init": "neuqi", "init_norm": 3.0},
+    "NeUQI_int+LDLQ norm3 refit": {"method": "ldlq", "init": "neuqi_int", "init_norm": 3.0, "refit": 4},
+    "NeUQI_int+LDLQ norm2.5": {"method": "ldlq", "init": "neuqi_int", "init_norm": 2.5},
     "NeUQI_int+LDLQ hpow0": {"method": "ldlq", "init": "neuqi_int", "h_power": 0.0},
     "NeUQI_int+LDLQ hpow0.5": {"method": "ldlq", "init": "neuqi_int", "h_power": 0.5},
     "MSE+LDLQ hpow0": {"method": "ldlq", "init": "mse", "h_power": 0.0},

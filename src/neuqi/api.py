@@ -136,7 +136,8 @@ def _work_device(device: str | torch.device | None, home: torch.device) -> torch
 
 def _swap_in_quantlinears(model: nn.Module, records: dict[str, QuantizedLinear], quant: QuantConfig) -> None:
     """Replace each quantized ``nn.Linear`` by a ``QuantLinear`` holding its packed codes."""
-    qc = quantization_config(quant.spec, quant.zero_point, quant.act_order, records, quant.gguf)
+    qc = quantization_config(quant.spec, quant.zero_point, quant.act_order, records,
+                             None if quant.gguf is None else quant.gguf_type.name)
     dtype = model.get_submodule(qc["modules"][0]).weight.dtype
     replace_linears(model, qc["modules"], qc, dtype)
     replace_experts(model, qc.get("experts", []), qc, dtype)
@@ -153,7 +154,8 @@ def _save_run(folder: Path, model, tokenizer, records, quant: QuantConfig, stats
                 "environment": environment(device)}
     with run_directory(folder, overwrite) as work:
         write_checkpoint(model, records, quant.spec, quant.zero_point, quant.act_order, work, tokenizer,
-                         run_info, gguf_type=quant.gguf)
+                         run_info,
+                         gguf_type=None if quant.gguf is None else quant.gguf_type.name)
         result = run_result(run_info, folder.name, stats, timing, work,
                             {**peak_memory(device), "peak_anon_mb": anon_mb})
         atomic_write_json(work / "result.json", result)

@@ -234,10 +234,12 @@ def export(
     = "gptq_v2",
     verify: Annotated[bool, typer.Option(help="re-load with the consumer library and compare logits")]
     = True,
-    embed_type: Annotated[str, typer.Option(help="gguf only: type of token_embd (F32 F16 Q8_0 Q5_1 "
-                                                 "Q5_0 Q4_1 Q4_0)")] = "Q8_0",
+    embed_type: Annotated[str | None, typer.Option(help="gguf only: type of token_embd (F32 F16 Q8_0 "
+                                                        "Q5_1 Q5_0 Q4_1 Q4_0 Q6_K Q5_K Q4_K Q3_K Q2_K; "
+                                                        "default: Q8_0, or the mix's choice)")] = None,
     output_type: Annotated[str | None, typer.Option(help="gguf only: type of an untied output head "
-                                                         "(default: the embedding's)")] = None,
+                                                         "(default: the embedding's, or the mix's choice)")]
+    = None,
     source_gguf: Annotated[Path | None, typer.Option(help="gguf only: a GGUF of the same model for "
                                                           "metadata and tokenizer (default: the run's "
                                                           "own source file)")] = None,

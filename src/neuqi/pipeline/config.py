@@ -12,12 +12,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
 from neuqi.quant import ALGORITHMS, INIT_METHODS, QuantSpec
+from neuqi.quant.gguf_presets import PRESETS, is_preset, preset, preset_plan
 from neuqi.quant.gguf_types import GGUF_INITS, GGUF_TYPES, GGUFType, gguf_type
 from neuqi.quant.init import check_init_norm
 
@@ -77,7 +78,8 @@ class QuantConfig:
     damp: float = option(DEFAULT_DAMP, "Hessian damping, as a fraction of its mean diagonal")
     gguf: str | None = option(
         None, f"quantize for a llama.cpp type ({' | '.join(GGUF_TYPES)}): it sets the bits and "
-              "blocks, and the params are the ones the type stores")
+              "blocks, and the params are the ones the type stores; or for one of llama-quantize's "
+              f"mixes ({' | '.join(PRESETS)}), which raise some linears' types by role and layer")
     gguf_tensor: str = option(
         "", "with --gguf: other types for some linears, comma list of NAME=TYPE where NAME ends "
             "the module's name (e.g. mlp.down_proj=Q2_K); rows a k-quant cannot take fall back "
@@ -94,8 +96,15 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.gguf is not None:
-            t = gguf_type(self.gguf)
-            self.gguf, self.bits, self.group_size = t.name, t.bits, t.block
+            if is_preset(self.gguf):  # a llama.cpp mix: its base type sets bits and block
+                self.gguf = preset(self.gguf).name
+            elif self.gguf.strip().upper() not in GGUF_TYPES:
+                raise ValueError(f"unknown GGUF type {self.gguf!r}; choose a type ({', '.join(GGUF_TYPES)}) "
+                                 f"or a mix ({', '.join(PRESETS)})")
+            t = self.gguf_type
+            if not self.is_gguf_mix:
+                self.gguf = t.name
+            self.bits, self.group_size = t.bits, t.block
             if self.init not in GGUF_INITS:
                 raise ValueError(f"--gguf {t.name} takes --init {' or '.join(GGUF_INITS)}, got {self.init!r}")
             if self.max_clip is not None:
@@ -152,7 +161,36 @@ class QuantConfig:
 
     @property
     def gguf_type(self) -> GGUFType | None:
-        return None if self.gguf is None else gguf_type(self.gguf)
+        """The type of ``--gguf`` (of a mix: its base type, that of the linears it does not raise)."""
+        if self.gguf is None:
+            return None
+        return gguf_type(preset(self.gguf).base if is_preset(self.gguf) else self.gguf)
+
+    @property
+    def is_gguf_mix(self) -> bool:
+        return self.gguf is not None and is_preset(self.gguf)
+
+    def resolve_gguf_mix(self, linears: dict[str, int], model_config) -> QuantConfig:
+        """These options with a ``--gguf`` mix spelled out for one model: the mix's base
+        type, and every linear it raises (or that ``--gguf-tensor`` names, which wins)
+        as an explicit override. ``linears``: HF name -> in_features. Unchanged when
+        ``--gguf`` is not a mix."""
+        if not self.is_gguf_mix:
+            return self
+        c = model_config
+        plan = preset_plan(
+            self.gguf, linears, int(c.num_hidden_layers), int(c.num_attention_heads),
+            int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads), int(c.hidden_size),
+            bool(getattr(c, "tie_word_embeddings", False)), str(getattr(c, "model_type", "")))
+        user = self.tensor_types()
+        base = self.gguf_type
+        types = {}
+        for name, t in plan.linears.items():
+            matches = [k for k in user if name == k or name.endswith("." + k)]
+            want = user[max(matches, key=len)] if matches else t
+            if want is not base:
+                types[name] = want
+        return replace(self, gguf=base.name, gguf_tensor=",".join(f"{n}={t.name}" for n, t in types.items()))
 
     def tensor_types(self) -> dict[str, GGUFType]:
         """``--gguf-tensor`` as ``{name suffix: type}`` (clear errors for bad entries)."""
@@ -171,7 +209,7 @@ class QuantConfig:
             return None
         types = self.tensor_types()
         matches = [k for k in types if name == k or name.endswith("." + k)]
-        return types[max(matches, key=len)] if matches else gguf_type(self.gguf)
+        return types[max(matches, key=len)] if matches else self.gguf_type
 
     @property
     def zero_point(self) -> str:

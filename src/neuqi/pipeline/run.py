@@ -240,7 +240,12 @@ def calibrate_and_quantize(
         t0 = time.perf_counter()
         if resume is not None and resume.layers_done:
             bar.update(task, advance=resume.layers_done, info=f"resumed after layer {resume.layers_done - 1}")
-        records, stats = quantize_layers(model, adapter, batches, cfg, device, on_layer,
+        opts = cfg
+        if cfg.is_gguf_mix:  # a llama.cpp mix: spelled out per linear for this model
+            linears = {n: m.in_features for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and n.startswith(adapter.layers + ".")}
+            opts = cfg.quant_options().resolve_gguf_mix(linears, model.config)
+        records, stats = quantize_layers(model, adapter, batches, opts, device, on_layer,
                                          before_layer, after_layer, home, resume)
         t_quant = time.perf_counter() - t0
     timing = {
@@ -279,7 +284,8 @@ def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool, token
 
         run_info = {"config": cfg.to_dict(), "environment": environment(device)}
         write_checkpoint(model, records, cfg.spec, cfg.zero_point, cfg.act_order, work, tokenizer,
-                         run_info, state=state, gguf_type=cfg.gguf)
+                         run_info, state=state,
+                         gguf_type=None if cfg.gguf is None else cfg.gguf_type.name)
     if cfg.low_memory and cfg.eval_sets:
         from neuqi.formats.checkpoint import load_quantized
 

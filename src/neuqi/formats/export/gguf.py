@@ -32,14 +32,17 @@ from torch import Tensor
 from neuqi.formats.export.source import LinearCodes, read_source
 from neuqi.formats.gguf_blocks import pack_blocks, pack_kquant_blocks
 from neuqi.io_utils import atomic_path
-from neuqi.quant.gguf_types import GGUF_TYPES, GGUFType, block_fields, gguf_type
+from neuqi.quant.gguf_presets import dense_type, is_preset, preset
+from neuqi.quant.gguf_types import GGUF_TYPES, GGUFType, block_fields, gguf_params, gguf_type
 from neuqi.quant.grid import QuantParams, dequantize
 from neuqi.quant.kquants import KQuantFields, kquant_fields
 
 log = logging.getLogger(__name__)
 
-# Dense tensors (embeddings, output head) may be written at these types.
-DENSE_TYPES = ("F32", "F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+# Dense tensors (embeddings, output head) may be written at these types: the gguf
+# package quantizes the first ones, neuqi's own min-max k-quant parameters the rest.
+GGUF_PY_TYPES = ("F32", "F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+DENSE_TYPES = (*GGUF_PY_TYPES, "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
 # llama.cpp's converter permutes the rows of these projections for these
 # architectures (rotary halves interleaved); transformers undoes it on load.
 PERMUTED_ROWS: dict[str, dict[str, str]] = {
@@ -116,9 +119,21 @@ def row_permutation(model_type: str, name: str, out: int, config: dict) -> Tenso
 
 
 def _dense_payload(data: np.ndarray, type_name: str) -> tuple[np.ndarray, object]:
+    """An embedding or output head at ``type_name``: the gguf package's quantizer where it
+    has one; k-quants (which it only decodes) from llama.cpp's reference (min-max)
+    parameters and round-to-nearest codes."""
     gguf = _gguf()
     qtype = gguf.GGMLQuantizationType[type_name]
-    return gguf.quants.quantize(data.astype(np.float32), qtype), qtype
+    if type_name in GGUF_PY_TYPES:
+        return gguf.quants.quantize(data.astype(np.float32), qtype), qtype
+    t = gguf_type(type_name)
+    w = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+    params = gguf_params(w, t, "minmax")
+    step = params.scale.repeat_interleave(t.block, dim=1)
+    offset = params.offset.repeat_interleave(t.block, dim=1)
+    codes = torch.clamp(torch.round((w - offset) / step), 0, t.maxq).to(torch.uint8)
+    lin = LinearCodes(codes, params.scale, params.zero, None, t.block, params.offset)
+    return linear_payload(lin, t, None)[0], qtype
 
 
 def linear_payload(lin: LinearCodes, t: GGUFType, perm: Tensor | None) -> tuple[np.ndarray, Tensor]:
@@ -161,14 +176,21 @@ def _check_mapping(name: str, ours: Tensor, src_tensor, what: str) -> None:
 def export_gguf(
     run_dir: Path | str,
     out: Path | str,
-    embed_type: str = "Q8_0",
+    embed_type: str | None = None,
     output_type: str | None = None,
     source: Path | str | None = None,
     check: bool = True,
 ) -> dict:
-    """Write ``run_dir`` (quantized with ``--gguf``) as one GGUF file at ``out``."""
+    """Write ``run_dir`` (quantized with ``--gguf``) as one GGUF file at ``out``.
+
+    ``embed_type`` defaults to Q8_0, or for a run made with a llama.cpp mix
+    (``--gguf Q4_K_M``) to the mix's own choice (as is ``output_type``)."""
     gguf = _gguf()
     run_dir, out = Path(run_dir), Path(out)
+    mix = _run_mix(run_dir)
+    if mix is not None and embed_type is None:
+        embed_type, output_type = mix.embedding, output_type or mix.output
+    embed_type = embed_type or "Q8_0"
     for what, ty in (("embedding", embed_type), ("output", output_type or embed_type)):
         if ty.upper() not in DENSE_TYPES:
             raise ValueError(f"--{what}-type must be one of {', '.join(DENSE_TYPES)}, got {ty!r}")
@@ -222,15 +244,41 @@ def export_gguf(
         tt = src_tensors[gname]
         payloads[gname] = (np.asarray(tt.data), tt.tensor_type)
 
+    file_type = FILE_TYPES[t.name] if mix is None else mix.ftype
     with atomic_path(out) as tmp:
-        _write(reader, arch, [tt.name for tt in reader.tensors], payloads, FILE_TYPES[t.name], tmp)
+        _write(reader, arch, [tt.name for tt in reader.tensors], payloads, file_type, tmp)
         result = verify_gguf(tmp, expected) if check else {"ok": None, "skipped": "--no-verify"}
         if check and not result["ok"]:
             raise RuntimeError(f"the GGUF export failed verification; nothing written: {result}")
-    result.update(export=str(out), type=t.name, linear_types=dict(sorted(linear_types.items())),
+    result.update(export=str(out), type=t.name if mix is None else mix.name,
+                  linear_types=dict(sorted(linear_types.items())),
                   embedding_type=embed_type, output_type=output_type, source_gguf=str(source),
                   bytes=out.stat().st_size)
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mix:
+    name: str
+    ftype: int
+    embedding: str
+    output: str
+
+
+def _run_mix(run_dir: Path) -> _Mix | None:
+    """The llama.cpp mix a run was quantized for (``--gguf Q4_K_M``), from its result.json."""
+    try:
+        cfg = json.loads((run_dir / "result.json").read_text())["config"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        return None
+    name = cfg.get("gguf")
+    if not name or not is_preset(name):
+        return None
+    model = json.loads((run_dir / "config.json").read_text())
+    p = preset(name)
+    tied = bool(model.get("tie_word_embeddings", False))
+    n = int(model["hidden_size"])
+    return _Mix(p.name, p.ftype, dense_type(p, n, "embedding", tied), dense_type(p, n, "output", tied))
 
 
 def _write(reader, arch: str, order: list[str], payloads: dict, file_type: int, path: Path) -> None:
