@@ -103,9 +103,9 @@ GGUF_TYPES: dict[str, GGUFType] = {
 }
 BLOCK32_TYPES: tuple[str, ...] = tuple(n for n, t in GGUF_TYPES.items() if not t.is_kquant)
 KQUANT_TYPES: tuple[str, ...] = tuple(n for n, t in GGUF_TYPES.items() if t.is_kquant)
-# Where a row length is not a multiple of 256: llama-quantize falls back to Q5_0 for
-# Q4_K, Q5_1 for Q5_K, Q8_0 for Q6_K (llama-quant.cpp), and to the non-uniform
-# IQ4_NL for Q2_K/Q3_K, which no uniform grid can hold: Q4_0 has IQ4_NL's size.
+# Where a row length is not a multiple of 256, llama-quantize (llama-quant.cpp of
+# llama-cpp-python 0.3.36) falls back to these block-32 types (older llama.cpp took the
+# non-uniform IQ4_NL for Q2_K/Q3_K; Q4_0 has its size).
 KQUANT_FALLBACK: dict[str, str] = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0",
                                    "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
