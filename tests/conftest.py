@@ -64,6 +64,32 @@ def make_tiny_model(folder, arch: str = "llama", layers: int = 2, hidden: int = 
     return folder
 
 
+def llamacpp_tiny_llama(folder, tool: str, **config):
+    """A random LLaMA with SmolLM2's real tokenizer (llama.cpp's converter needs a real
+    one) saved to ``folder`` and written as an F32 GGUF by llama.cpp's converter.
+    Skips (fails on CI) without the cached tokenizer; fails with how to build llama.cpp
+    when its ``tool`` is missing. Returns ``(model, source_gguf)``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from neuqi.data.cache import cache_dir
+    from neuqi.engines import llamacpp
+
+    tok_dir = cache_dir() / "models" / "smollm2-135m"
+    if not (tok_dir / "tokenizer.json").exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{tok_dir} is missing: `make test` fetches it with `make data`")
+        pytest.skip("SmolLM2 not in the data cache (run `make data`)")
+    llamacpp.tool(tool)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=1024, initializer_range=0.1,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **config)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, llamacpp.convert(folder, folder.parent / f"{folder.name}.f32.gguf")
+
+
 @pytest.fixture(params=TINY_ARCHS)
 def tiny_model(request, tmp_path):
     return make_tiny_model(tmp_path / f"tiny-{request.param}", request.param)

@@ -11,13 +11,9 @@ the F32 GGUF of the same float model.
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
 
 import neuqi
-from neuqi.data.cache import cache_dir
 from neuqi.engines import llamacpp
 from neuqi.engines.agreement import engine_agreement
 from neuqi.formats.export import export_run
@@ -26,7 +22,7 @@ from neuqi.models.loading import load_model
 from neuqi.pipeline.config import RunConfig
 from neuqi.pipeline.run import quantize_model
 from neuqi.quant.gguf_types import KQUANT_TYPES
-from tests.conftest import SAMPLE_TEXT
+from tests.conftest import SAMPLE_TEXT, llamacpp_tiny_llama
 
 pytestmark = pytest.mark.integration
 CTX, CHUNKS = 128, 4
@@ -34,32 +30,19 @@ CTX, CHUNKS = 128, 4
 
 @pytest.fixture(scope="module")
 def tiny256(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    tok_dir = cache_dir() / "models" / "smollm2-135m"
-    if not (tok_dir / "tokenizer.json").exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{tok_dir} is missing: `make test` fetches it with `make data`")
-        pytest.skip("SmolLM2 not in the data cache (run `make data`)")
-    llamacpp.tool("llama-perplexity")  # fails with how to build it
     work = tmp_path_factory.mktemp("kquants")
     folder = work / "tiny256"
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, initializer_range=0.1,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    source = llamacpp.convert(folder, work / "tiny256.f32.gguf")
+    model, source = llamacpp_tiny_llama(
+        folder, "llama-perplexity", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    bos = model.config.bos_token_id
     text = work / "text.txt"
     text.write_text(SAMPLE_TEXT * 3)
     calib = work / "calib.txt"
     calib.write_text(SAMPLE_TEXT)
     fp_r, base = _engine_run(source, text, work, "fp")
-    fp = engine_agreement(load_model(folder), base, tok.bos_token_id)
-    return folder, source, text, calib, work, tok.bos_token_id, (fp_r, fp)
+    fp = engine_agreement(load_model(folder), base, bos)
+    return folder, source, text, calib, work, bos, (fp_r, fp)
 
 
 def _engine_run(gguf, text, work, name):

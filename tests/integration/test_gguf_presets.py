@@ -11,13 +11,10 @@ perplexity agrees with ours.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import neuqi
-from neuqi.data.cache import cache_dir
 from neuqi.engines import llamacpp
 from neuqi.engines.agreement import engine_agreement
 from neuqi.formats.export import export_run
@@ -26,7 +23,7 @@ from neuqi.models.loading import load_model
 from neuqi.pipeline.config import RunConfig
 from neuqi.pipeline.run import quantize_model
 from neuqi.quant.gguf_presets import PRESETS, preset_plan
-from tests.conftest import SAMPLE_TEXT
+from tests.conftest import SAMPLE_TEXT, llamacpp_tiny_llama
 
 pytestmark = pytest.mark.integration
 LAYERS = 8
@@ -34,29 +31,14 @@ LAYERS = 8
 
 @pytest.fixture(scope="module")
 def tiny_gqa(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    tok_dir = cache_dir() / "models" / "smollm2-135m"
-    if not (tok_dir / "tokenizer.json").exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{tok_dir} is missing: `make test` fetches it with `make data`")
-        pytest.skip("SmolLM2 not in the data cache (run `make data`)")
-    llamacpp.tool("llama-quantize")  # fails with how to build it
     work = tmp_path_factory.mktemp("presets")
     folder = work / "tiny"
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=384, num_hidden_layers=LAYERS,
-                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=1024,
-                      tie_word_embeddings=False, initializer_range=0.1,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    source = llamacpp.convert(folder, work / "tiny.f32.gguf")
+    model, source = llamacpp_tiny_llama(
+        folder, "llama-quantize", hidden_size=256, intermediate_size=384, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False)
     linears = {n: m.in_features for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
-    return folder, source, work, cfg, linears
+    return folder, source, work, model.config, linears
 
 
 def _gguf_name(hf: str) -> str:
