@@ -185,6 +185,10 @@ def test_run_names_carry_every_setting_that_changes_the_result(calib_file, tmp_p
     assert names["bf16"].endswith(".bf16") and ".magr0.001" in names["alpha"]
     assert names["refit"].endswith(".refit2") and names["select"].endswith(".sel-mse-minmax")
     assert names["hpow"].endswith(".hpow0.5")
+    # what the run records says the same as its name
+    typed = tiny_config(tmp_path / "m", calib_file, tmp_path / "runs", init="neuqi_int",
+                        select="mse, minmax,mse")
+    assert typed.select == "mse,minmax" and typed.to_dict()["select"] == "mse,minmax"
     # Defaults keep the short readable name.
     assert ".damp" not in names["base"] and ".seed" not in names["base"] and "bf16" not in names["base"]
 
@@ -193,8 +197,11 @@ def test_run_names_carry_every_setting_that_changes_the_result(calib_file, tmp_p
     ({"refit": -1}, ">= 0"),
     ({"select": "minmax,bogus", "init": "neuqi_int"}, "choose from"),
     ({"select": "minmax"}, "mix float and integer"),
-    ({"refit": 2, "method": "rtn", "init": "minmax"}, "need --method"),
+    ({"refit": 2, "method": "rtn", "init": "minmax"}, "need a solver \\(--method"),
     ({"h_power": -1.0}, "h-power"),
+    ({"gguf": "Q4_1", "init": "neuqi", "max_clip": 1.0}, "--max-clip is not available with GGUF"),
+    ({"gguf": "Q4_K_M", "init": "neuqi", "init_norm": 3.0}, "--init-norm is not available with GGUF"),
+    ({"method": "sgd"}, "unknown --method"),
 ])
 def test_bad_refit_and_select_options_are_refused(calib_file, tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from neuqi.quant import ALGORITHMS, INIT_METHODS, QuantSpec
+from neuqi.quant import INIT_METHODS, QuantSpec
 from neuqi.quant.gguf_presets import PRESETS, is_preset, preset, preset_plan
 from neuqi.quant.gguf_types import GGUF_INITS, GGUF_TYPES, GGUFType, gguf_type
-from neuqi.quant.init import check_init_norm
+from neuqi.quant.gptq import check_solver_options
 
 DEFAULT_DAMP = 0.01
 DEFAULT_MOE_PRIOR_TOKENS = 4096
@@ -48,6 +48,11 @@ def option(default, help: str, *flags: str):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# gptq_quantize's argument -> the flag a CLI user knows it by (for its error messages)
+CLI_NAMES = {"init": "--init", "algorithm": "--method", "also_inits": "--select", "refit": "--refit",
+             "h_power": "--h-power", "init_norm": "--init-norm", "max_clip": "--max-clip"}
 
 
 @dataclass
@@ -107,33 +112,20 @@ class QuantConfig:
             self.bits, self.group_size = t.bits, t.block
             if self.init not in GGUF_INITS:
                 raise ValueError(f"--gguf {t.name} takes --init {' or '.join(GGUF_INITS)}, got {self.init!r}")
-            if self.max_clip is not None:
-                raise ValueError("--max-clip is not available with --gguf")
-            if self.init_norm != 2.0:
-                raise ValueError("--init-norm is not available with --gguf")
         if self.gguf_tensor and self.gguf is None:
             raise ValueError("--gguf-tensor overrides the type of --gguf: give --gguf TYPE too")
         self.gguf_tensor = ",".join(f"{n}={t.name}" for n, t in self.tensor_types().items())
         QuantSpec(self.bits, self.group_size)  # validates bits and group size
-        if self.method not in ALGORITHMS:
-            raise ValueError(f"--method must be one of {ALGORITHMS}, got {self.method!r}")
         if self.init not in INIT_METHODS:
             raise ValueError(f"--init must be one of {INIT_METHODS}, got {self.init!r}")
         if self.max_clip is not None and (self.init != "neuqi" or not self.max_clip >= 0):
             raise ValueError(f"--max-clip needs --init neuqi and a value >= 0, got {self.max_clip!r}")
-        if (why := check_init_norm(self.init_norm, self.init)) is not None:
-            raise ValueError(f"--init-norm: {why}")
-        if not 0 <= self.h_power <= 4:
-            raise ValueError(f"--h-power must be in [0, 4], got {self.h_power!r}")
-        if self.refit < 0:
-            raise ValueError(f"--refit must be >= 0 rounds, got {self.refit!r}")
         if bad := [m for m in self.also_inits if m not in INIT_METHODS]:
             raise ValueError(f"--select {bad}: choose from {INIT_METHODS}")
-        if mixed := [m for m in self.also_inits if (m == "neuqi") != (self.init == "neuqi")]:
-            raise ValueError(f"--select {mixed} would mix float and integer zero-points with "
-                             f"--init {self.init}")
-        if (self.refit or self.also_inits) and (self.method == "rtn" or self.gguf is not None):
-            raise ValueError("--select and --refit need --method gptq or ldlq and no --gguf")
+        check_solver_options(init=self.init, algorithm=self.method, gguf=self.gguf is not None,
+                             also_inits=self.also_inits, refit=self.refit, h_power=self.h_power,
+                             init_norm=self.init_norm, max_clip=self.max_clip, names=CLI_NAMES)
+        self.select = ",".join(self.also_inits)  # as the run name says it: no repeats, no main init
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("--nsamples, --seqlen and --batch-size must be positive")
         if self.moe_prior_tokens < 0:

@@ -151,6 +151,35 @@ def check_hessian(H: Tensor, n_in: int) -> None:
     check_finite("H", H)
 
 
+def check_solver_options(
+    *, init: str, algorithm: str, gguf: bool, also_inits: tuple[str, ...] | list[str], refit: int,
+    h_power: float, init_norm: float, max_clip: float | None, names: dict[str, str] | None = None,
+) -> None:
+    """Refuse option combinations :func:`gptq_quantize` cannot honour (one source of
+    truth for the API and the CLI). ``names`` words the options as the caller's user
+    knows them (e.g. ``{"also_inits": "--select"}``); by default the arguments' names."""
+    n = {k: k for k in ("init", "algorithm", "also_inits", "refit", "h_power", "init_norm", "max_clip")}
+    n |= names or {}
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown {n['algorithm']} {algorithm!r}; choose one of {ALGORITHMS}")
+    if gguf and max_clip is not None:
+        raise ValueError(f"{n['max_clip']} is not available with GGUF types")
+    if (also_inits or refit) and (gguf or algorithm == "rtn"):
+        raise ValueError(f"{n['also_inits']} and {n['refit']} need a solver ({n['algorithm']} gptq "
+                         "or ldlq) and no GGUF type")
+    if refit < 0:
+        raise ValueError(f"{n['refit']} must be >= 0 rounds, got {refit!r}")
+    if not 0 <= h_power <= 4:
+        raise ValueError(f"{n['h_power']} must be in [0, 4], got {h_power!r}")
+    if (why := check_init_norm(init_norm, init)) is not None:
+        raise ValueError(f"{n['init_norm']}: {why}")
+    if gguf and init_norm != 2.0:
+        raise ValueError(f"{n['init_norm']} is not available with GGUF types")
+    if mixed := [m for m in also_inits if (m == "neuqi") != (init == "neuqi")]:
+        raise ValueError(f"{n['also_inits']} {mixed} would mix float and integer zero-points with "
+                         f"{n['init']} {init!r}; candidates must share the init's kind of zero")
+
+
 def gptq_quantize(
     w: Tensor,
     H: Tensor,
@@ -212,23 +241,8 @@ def gptq_quantize(
         if spec != gguf.spec:
             raise ValueError(f"{gguf.name} quantizes {gguf.bits}-bit blocks of {gguf.block}, "
                              f"not {spec.bits}-bit groups of {spec.group_size}")
-        if max_clip is not None:
-            raise ValueError("max_clip is not available with GGUF types")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
-    if (also_inits or refit) and (gguf is not None or algorithm == "rtn"):
-        raise ValueError("also_inits and refit need a solver (gptq or ldlq) and no GGUF type")
-    if refit < 0:
-        raise ValueError(f"refit must be >= 0 rounds, got {refit!r}")
-    if not 0 <= h_power <= 4:
-        raise ValueError(f"h_power must be in [0, 4], got {h_power!r}")
-    if (why := check_init_norm(init_norm, init)) is not None:
-        raise ValueError(why)
-    if gguf is not None and init_norm != 2.0:
-        raise ValueError("init_norm is not available with GGUF types")
-    if mixed := [m for m in also_inits if (m == "neuqi") != (init == "neuqi")]:
-        raise ValueError(f"also_inits {mixed} would mix float and integer zero-points with "
-                         f"init {init!r}; candidates must share the init's kind of zero")
+    check_solver_options(init=init, algorithm=algorithm, gguf=gguf is not None, also_inits=also_inits,
+                         refit=refit, h_power=h_power, init_norm=init_norm, max_clip=max_clip)
     t0 = time.perf_counter()
     device = w.device
     W = w.float().clone()
