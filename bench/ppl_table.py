@@ -11,6 +11,7 @@ wall-clock on this machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import pickle
@@ -33,7 +34,10 @@ def quantize_standalone(cfg: RunConfig) -> Path:
 
     A run inside a long-lived benchmark process would record that process's memory
     (the FP reference, earlier runs' allocator leftovers: ~2.6 GB for SmolLM2) in its
-    peak RSS; the peers' runners are fresh processes, so ours must be too."""
+    peak RSS; the peers' runners are fresh processes, so ours must be too.  A run a
+    killed benchmark left half done continues where it stopped (``--resume``); its
+    ``quantize_seconds`` then adds the layers' time recorded before the interruption."""
+    cfg = dataclasses.replace(cfg, resume=True)
     child = ("import pickle, sys; from neuqi.pipeline.run import quantize_model; "
              "print(quantize_model(pickle.loads(sys.stdin.buffer.read()), quiet=True))")
     proc = subprocess.run([sys.executable, "-c", child], input=pickle.dumps(cfg),
