@@ -296,7 +296,9 @@ def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool, token
         result["eval"]["ppl"] = evaluate_sets(model, tokenizer, cfg.eval_sets, cfg.eval_seqlen,
                                               device, cfg.eval_windows, quiet)
         model.to("cpu")
-    result["timing"]["total_seconds"] = time.perf_counter() - t_start
+    # like quantize_seconds, a resumed run's total counts the interrupted process's layers
+    result["timing"]["total_seconds"] = (time.perf_counter() - t_start
+                                         + (timing.get("quantize_seconds_before_resume") or 0.0))
     log.info("quantized %d linears in %.1fs", len(stats), timing["quantize_seconds"])
     return result
 
