@@ -115,3 +115,20 @@ def test_kquant_pack_refuses_bad_rows() -> None:
     codes, f = _random_kquant(t, 2, 1, 0)
     with pytest.raises(ValueError, match="multiple of 256"):
         pack_kquant_blocks(codes[:, :128], f, t)
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_dense_tensors_at_a_kquant_decode_to_round_to_nearest_on_llamacpps_reference_grid(name):
+    """Embeddings / output heads of a mix (e.g. Q4_K_M's Q6_K head): the gguf package
+    cannot quantize k-quants, so neuqi writes them; its decoder must read them back."""
+    from neuqi.formats.export.gguf import _dense_payload
+    from neuqi.quant.gguf_types import gguf_params, gguf_type
+    from neuqi.quant.grid import fake_quantize
+
+    w = torch.randn(6, 512) * torch.rand(6, 1)
+    data, qtype = _dense_payload(w.numpy(), name)
+    back = torch.from_numpy(np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32))
+    t = gguf_type(name)
+    expected = fake_quantize(w, gguf_params(w, t, "minmax"), t.spec)
+    assert torch.equal(back, expected)
+    assert ((back - w).pow(2).sum() / w.pow(2).sum()) < 0.2  # a quantized copy, not noise

@@ -34,7 +34,7 @@ from neuqi.formats.gguf_blocks import pack_blocks, pack_kquant_blocks
 from neuqi.io_utils import atomic_path
 from neuqi.quant.gguf_presets import dense_type, is_preset, preset
 from neuqi.quant.gguf_types import GGUF_TYPES, GGUFType, block_fields, gguf_params, gguf_type
-from neuqi.quant.grid import QuantParams, dequantize
+from neuqi.quant.grid import QuantParams, dequantize, quantize
 from neuqi.quant.kquants import KQuantFields, kquant_fields
 
 log = logging.getLogger(__name__)
@@ -129,10 +129,7 @@ def _dense_payload(data: np.ndarray, type_name: str) -> tuple[np.ndarray, object
     t = gguf_type(type_name)
     w = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
     params = gguf_params(w, t, "minmax")
-    step = params.scale.repeat_interleave(t.block, dim=1)
-    offset = params.offset.repeat_interleave(t.block, dim=1)
-    codes = torch.clamp(torch.round((w - offset) / step), 0, t.maxq).to(torch.uint8)
-    lin = LinearCodes(codes, params.scale, params.zero, None, t.block, params.offset)
+    lin = LinearCodes(quantize(w, params, t.spec), params.scale, params.zero, None, t.block, params.offset)
     return linear_payload(lin, t, None)[0], qtype
 
 
