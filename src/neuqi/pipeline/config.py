@@ -174,12 +174,10 @@ class QuantConfig:
             self.gguf, linears, int(c.num_hidden_layers), int(c.num_attention_heads),
             int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads), int(c.hidden_size),
             bool(getattr(c, "tie_word_embeddings", False)), str(getattr(c, "model_type", "")))
-        user = self.tensor_types()
         base = self.gguf_type
         types = {}
         for name, t in plan.linears.items():
-            matches = [k for k in user if name == k or name.endswith("." + k)]
-            want = user[max(matches, key=len)] if matches else t
+            want = self.tensor_override(name) or t
             if want is not base:
                 types[name] = want
         return replace(self, gguf=base.name, gguf_tensor=",".join(f"{n}={t.name}" for n, t in types.items()))
@@ -199,9 +197,13 @@ class QuantConfig:
         longest matching name suffix) or ``--gguf``."""
         if self.gguf is None:
             return None
+        return self.tensor_override(name) or self.gguf_type
+
+    def tensor_override(self, name: str) -> GGUFType | None:
+        """The ``--gguf-tensor`` type of linear ``name`` (the longest matching name suffix)."""
         types = self.tensor_types()
         matches = [k for k in types if name == k or name.endswith("." + k)]
-        return types[max(matches, key=len)] if matches else self.gguf_type
+        return types[max(matches, key=len)] if matches else None
 
     @property
     def zero_point(self) -> str:
