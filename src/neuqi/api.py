@@ -155,7 +155,8 @@ def _save_run(folder: Path, model, tokenizer, records, quant: QuantConfig, stats
     with run_directory(folder, overwrite) as work:
         write_checkpoint(model, records, quant.spec, quant.zero_point, quant.act_order, work, tokenizer,
                          run_info,
-                         gguf_type=None if quant.gguf is None else quant.gguf_type.name)
+                         gguf_type=None if quant.gguf is None else quant.gguf_type.name,
+                         gguf_mix=quant.gguf if quant.is_gguf_mix else None)
         result = run_result(run_info, folder.name, stats, timing, work,
                             {**peak_memory(device), "peak_anon_mb": anon_mb})
         atomic_write_json(work / "result.json", result)

@@ -11,6 +11,9 @@ perplexity agrees with ours.
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -92,6 +95,16 @@ def test_a_mix_run_exports_the_file_llama_quantize_makes_and_runs_as_ours(tiny_g
     ours = {t.name: t.tensor_type.name for t in reader.tensors if t.name.endswith(".weight")}
     assert ours == _llama_types(source, work, "Q4_K_M")
     assert int(reader.fields["general.file_type"].contents()) == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+
+    # The checkpoint itself names the mix: a copy without the run's result.json exports
+    # the same file types.
+    assert json.loads((run_dir / "config.json").read_text())["quantization_config"]["gguf_mix"] == "Q4_K_M"
+    bare = work / "bare-checkpoint"
+    shutil.copytree(run_dir, bare)
+    (bare / "result.json").unlink()
+    res_bare = export_run(bare, "gguf", work / "bare.gguf", gguf_options={"source": source})
+    assert (res_bare["type"], res_bare["embedding_type"], res_bare["output_type"]) == (
+        "Q4_K_M", "Q4_K", "Q6_K")
 
     # The engine: with the embedding and head kept F32 (ours keeps them FP), llama.cpp
     # runs the mixed file as we run the run; its F32 file of the FP model is the yardstick.

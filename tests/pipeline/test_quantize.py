@@ -243,3 +243,16 @@ def test_an_existing_run_is_not_replaced_without_overwrite(calib_file, tmp_path)
                            quiet=True)
     assert again == run_dir and not (run_dir / "mine.txt").exists()
     assert json.loads((run_dir / "result.json").read_text())["config"]["run_name"] == cfg.run_name
+
+
+def test_a_mix_run_names_its_mix_in_the_checkpoint(calib_file, tmp_path):
+    """The export reads the llama.cpp mix from the checkpoint, so it must survive a save and
+    a load through transformers (a plain type records none)."""
+    model = make_tiny_model(tmp_path / "tiny-llama", "llama")
+    for gguf, mix in (("q3_k_m", "Q3_K_M"), ("Q4_0", None)):
+        run_dir = quantize_model(tiny_config(model, calib_file, tmp_path / "runs", gguf=gguf, init="minmax"),
+                                 quiet=True)
+        qc = json.loads((run_dir / "config.json").read_text())["quantization_config"]
+        assert qc.get("gguf_mix") == mix
+        loaded = AutoModelForCausalLM.from_pretrained(run_dir).config.quantization_config
+        assert (loaded.to_dict() if hasattr(loaded, "to_dict") else loaded).get("gguf_mix") == mix

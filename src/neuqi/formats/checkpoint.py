@@ -72,10 +72,12 @@ def expert_groups(records: dict[str, QuantizedLinear]) -> dict[str, list[Quantiz
 
 def quantization_config(
     spec: QuantSpec, zero_point: str, act_order: bool, records: dict[str, QuantizedLinear],
-    gguf_type: str | None = None,
+    gguf_type: str | None = None, gguf_mix: str | None = None,
 ) -> dict:
     """``bits``/``group_size`` are the run's; a GGUF run also lists every linear's own
-    type in ``gguf_types`` (overrides and row-length fallbacks make them differ)."""
+    type in ``gguf_types`` (overrides and row-length fallbacks make them differ), and a
+    run quantized for a llama.cpp mix (``--gguf Q4_K_M``) names it in ``gguf_mix``, so
+    that the checkpoint alone tells the export which embedding/output types to write."""
     qc = {
         "quant_method": "neuqi",
         "bits": spec.bits,
@@ -90,6 +92,8 @@ def quantization_config(
     if gguf_type is not None:
         qc["gguf_type"] = gguf_type
         qc["gguf_types"] = {n: q.gguf_type or gguf_type for n, q in records.items()}
+        if gguf_mix is not None:
+            qc["gguf_mix"] = gguf_mix
     return qc
 
 
@@ -142,6 +146,7 @@ def write_checkpoint(
     run_info: dict | None = None,
     state: dict[str, Tensor] | None = None,
     gguf_type: str | None = None,
+    gguf_mix: str | None = None,
 ) -> None:
     """Write the checkpoint files into an existing folder (the pipeline's temporary
     run directory, renamed into place once complete).
@@ -157,7 +162,8 @@ def write_checkpoint(
             continue
         tensors[key] = value.detach().contiguous()
     cfg = model.config.to_dict()
-    cfg["quantization_config"] = quantization_config(spec, zero_point, act_order, quantized, gguf_type)
+    cfg["quantization_config"] = quantization_config(spec, zero_point, act_order, quantized, gguf_type,
+                                                   gguf_mix)
     _save_sharded(tensors, folder)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
     if tokenizer is not None:

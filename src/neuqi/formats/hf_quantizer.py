@@ -26,6 +26,7 @@ class NeuqiConfig(QuantizationConfigMixin):
         gguf_type: str | None = None,
         gguf_types: dict[str, str] | None = None,
         experts: list[str] | None = None,
+        gguf_mix: str | None = None,
         **kwargs,
     ) -> None:
         self.quant_method = "neuqi"
@@ -38,9 +39,11 @@ class NeuqiConfig(QuantizationConfigMixin):
         self.gguf_type = gguf_type
         self.gguf_types = dict(gguf_types or {})  # GGUF runs: each linear's own type
         self.experts = list(experts or [])  # MoE: fused 3-D expert weights
+        self.gguf_mix = gguf_mix  # GGUF runs quantized for a llama.cpp mix (Q4_K_M, ...)
 
     def as_dict(self) -> dict:
         gguf = {"gguf_type": self.gguf_type, "gguf_types": self.gguf_types} if self.gguf_type else {}
+        gguf |= {"gguf_mix": self.gguf_mix} if self.gguf_mix else {}
         gguf |= {"experts": self.experts} if self.experts else {}
         return gguf | {
             "quant_method": "neuqi",

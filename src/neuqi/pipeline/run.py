@@ -285,7 +285,8 @@ def _quantize_into(cfg: RunConfig, work: Path, device, dtype, quiet: bool, token
         run_info = {"config": cfg.to_dict(), "environment": environment(device)}
         write_checkpoint(model, records, cfg.spec, cfg.zero_point, cfg.act_order, work, tokenizer,
                          run_info, state=state,
-                         gguf_type=None if cfg.gguf is None else cfg.gguf_type.name)
+                         gguf_type=None if cfg.gguf is None else cfg.gguf_type.name,
+                         gguf_mix=cfg.gguf if cfg.is_gguf_mix else None)
     if cfg.low_memory and cfg.eval_sets:
         from neuqi.formats.checkpoint import load_quantized
 

@@ -263,15 +263,18 @@ class _Mix:
 
 
 def _run_mix(run_dir: Path) -> _Mix | None:
-    """The llama.cpp mix a run was quantized for (``--gguf Q4_K_M``), from its result.json."""
-    try:
-        cfg = json.loads((run_dir / "result.json").read_text())["config"]
-    except (OSError, KeyError, json.JSONDecodeError):
-        return None
-    name = cfg.get("gguf")
+    """The llama.cpp mix a run was quantized for (``--gguf Q4_K_M``): the checkpoint's
+    ``quantization_config.gguf_mix``, or (runs written before it was recorded there)
+    the ``gguf`` option in the run's result.json."""
+    model = json.loads((run_dir / "config.json").read_text())
+    name = model.get("quantization_config", {}).get("gguf_mix")
+    if name is None:
+        try:
+            name = json.loads((run_dir / "result.json").read_text())["config"].get("gguf")
+        except (OSError, KeyError, json.JSONDecodeError):
+            return None
     if not name or not is_preset(name):
         return None
-    model = json.loads((run_dir / "config.json").read_text())
     p = preset(name)
     tied = bool(model.get("tie_word_embeddings", False))
     n = int(model["hidden_size"])
