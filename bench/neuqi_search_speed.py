@@ -15,9 +15,13 @@ NeUQI (float zero), each variant adding one change to the one before:
   for the current codes (three rounds).
 - ``+UB on long rows``: as ``+lloyd``, with the upper bounds only on rows of 256 or
   more (``UB_MIN_LEN``; on groups of 64 they cost more than they save).
-- ``default``: as ``+UB on long rows``, with every exact zero sweep over the few unit
+- ``+windows``: as ``+UB on long rows``, with every exact zero sweep over the few unit
   windows that hold a minimiser (:func:`neuqi.quant.init._sweep_windows`) instead of
-  all ``maxq`` of the bracket.  Every earlier variant sweeps the whole bracket.
+  all ``maxq`` of the bracket.  Every earlier variant sweeps the whole bracket.  This
+  is the bounded grid search (``search="grid"``), the default until the pattern search.
+- ``default``: the pattern search (:func:`neuqi.quant.init._init_neuqi_patterns`):
+  a few zero sweeps, each scoring every code pattern it passes through by that
+  pattern's own least-squares grid, then the exact best zero for the final scale.
 
 NeUQI_int: the exact scale sweep for every integer zero (``all zeros``, the search of
 9152b71) against the sweep for the 3 zeros the coarse grid ranks best (``top-3``); their
@@ -44,7 +48,8 @@ from neuqi.quant import QuantSpec
 from neuqi.quant import init as init_mod
 from neuqi.quant.init import dense_scale_search, group_loss, to_groups
 
-NEUQI_VARIANTS = ("before", "+rounding bound", "+upper bounds", "+lloyd", "+UB on long rows", "default")
+NEUQI_VARIANTS = ("before", "+rounding bound", "+upper bounds", "+lloyd", "+UB on long rows", "+windows",
+                  "default")
 OLD_ROUND_BOUND_MIN_LEN = 256  # 9152b71 used the binned bound on long groups only
 
 
@@ -52,6 +57,7 @@ OLD_ROUND_BOUND_MIN_LEN = 256  # 9152b71 used the binned bound on long groups on
 def variant(name: str):
     """Patch ``init_mod`` so that ``_init_neuqi`` runs as ``name``."""
     saved_bound, saved_init = init_mod._rounding_bound, init_mod._init_neuqi
+    saved_grid = init_mod._init_neuqi_grid
     saved_windows = init_mod._sweep_windows
     original = init_mod._rounding_bound
 
@@ -71,13 +77,15 @@ def variant(name: str):
         "+upper bounds": dict(upper_bound=True, refine="sweep", rounds=2),
         "+lloyd": dict(upper_bound=True),
         "+UB on long rows": {},
+        "+windows": {},
         "default": {},
     }[name]
     if name == "before":
         init_mod._rounding_bound = long_rows_only
-    if name != "default":
+    if name not in ("+windows", "default"):
         init_mod._sweep_windows = whole_bracket
-    init_mod._init_neuqi = lambda *a, **k: saved_init(*a, **{**k, **opts})
+    if name != "default":
+        init_mod._init_neuqi = lambda wg, hg, maxq: saved_grid(wg, hg, maxq, **opts)
     try:
         yield
     finally:

@@ -106,18 +106,62 @@ def test_rounding_bound_is_tighter_than_the_pair_bound_on_long_rows():
 
 
 def test_pruned_search_equals_trying_every_candidate(monkeypatch):
-    """The bounds only skip candidates that could not win: same scales and zeros."""
+    """The grid search's bounds only skip candidates that could not win: same losses."""
     w = torch.distributions.StudentT(3.0).sample((64, 256)) * 0.02
     h = torch.rand(256) ** 3 + 1e-3
-    spec = QuantSpec(3, -1)
-    pruned = init_params(w, spec, "neuqi", h)
+    wg, hg, _ = init_mod.to_groups(w, QuantSpec(3, -1), h)
+
+    def loss() -> torch.Tensor:
+        s, z = init_mod._init_neuqi(wg, hg, 7, search="grid")
+        return init_mod.group_loss(wg, hg, s, z, 7)
+
+    pruned = loss()
     zero_bound = lambda *args: torch.zeros_like(args[-2])  # noqa: E731 - (…, s, maxq)
     monkeypatch.setattr(init_mod, "_pair_bound", zero_bound)
     monkeypatch.setattr(init_mod, "_rounding_bound", zero_bound)
-    full = init_params(w, spec, "neuqi", h)
-    err_p = group_weighted_error(w, fake_quantize(w, pruned, spec), spec, h)
-    err_f = group_weighted_error(w, fake_quantize(w, full, spec), spec, h)
-    assert torch.allclose(err_p, err_f, rtol=1e-5)
+    assert torch.allclose(pruned, loss(), rtol=1e-5)
+
+
+def fitted_pattern_reference(u, h, maxq):
+    """Brute force for ``_fit_sweep_chunk``: every piece of the zero sweep inside the
+    windows it visits, its codes at the piece's midpoint, their weighted regression
+    ``u ≈ a·q + b`` solved by lstsq; the least residual with ``a > 0`` per group."""
+    start, windows = init_mod._sweep_windows(u, h, maxq)
+    out = []
+    for j in range(u.shape[0]):
+        ug, hg = u[j].double(), h[j].double()
+        lo, hi = float(start[j]), float(start[j]) + int(windows[j])
+        k = torch.arange(maxq, dtype=torch.float64)
+        bps = (k[:, None] + 0.5 - ug[None, :]).flatten()
+        bps = torch.sort(bps[(bps > lo) & (bps < hi)]).values
+        edges = torch.cat([torch.tensor([lo], dtype=torch.float64), bps,
+                           torch.tensor([hi], dtype=torch.float64)])
+        best = math.inf
+        for z in ((edges[1:] + edges[:-1]) / 2).tolist():
+            q = torch.clamp(torch.round(ug + z), 0, maxq)
+            if q.unique().numel() < 2:
+                continue
+            sw = hg.sqrt()
+            x = torch.stack([q, torch.ones_like(q)], 1) * sw[:, None]
+            sol = torch.linalg.lstsq(x, (ug * sw)[:, None]).solution.squeeze(1)
+            if sol[0] > 0:
+                best = min(best, float(((x @ sol - ug * sw) ** 2).sum()))
+        out.append(best)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("maxq", [3, 7, 15])
+def test_fit_sweep_scores_every_pattern_by_its_own_least_squares_grid(maxq):
+    torch.manual_seed(maxq)
+    u = torch.distributions.StudentT(3.0).sample((12, 24)) * maxq / 4 + maxq / 2
+    h = torch.rand(12, 24) ** 2 + 1e-3
+    a, b, res = init_mod._chunked(u, h, maxq, fit=True)
+    torch.testing.assert_close(res.double(), fitted_pattern_reference(u, h, maxq), rtol=1e-4, atol=1e-7)
+    # (a, b) is the fit the residual belongs to; rounding to it can only do better
+    s, z, loss = init_mod.fitted_patterns(u, h, torch.ones(12), maxq)
+    torch.testing.assert_close(s, a)
+    torch.testing.assert_close(z, -b / a)
+    assert (loss <= res * (1 + 1e-5) + 1e-7).all()
 
 
 def test_all_zero_importances_fall_back_to_uniform_weights():
@@ -128,7 +172,7 @@ def test_all_zero_importances_fall_back_to_uniform_weights():
     assert torch.allclose(a.scale, b.scale) and torch.allclose(a.zero, b.zero)
 
 
-@pytest.mark.parametrize("bits,group", [(2, 32), (3, 32), (4, -1)])
+@pytest.mark.parametrize("bits,group", [(2, 32), (3, 32), (4, -1), (4, 64)])
 def test_neuqi_is_near_the_dense_optimum_and_never_worse_than_minmax(bits, group):
     spec = QuantSpec(bits, group)
     w = torch.distributions.StudentT(4.0).sample((48, 64)) * 0.02  # heavy tails
@@ -141,8 +185,12 @@ def test_neuqi_is_near_the_dense_optimum_and_never_worse_than_minmax(bits, group
     }
     opt = init_mod.dense_scale_search(w, spec, h, n_scales=1000)
     ratio = err["neuqi"] / opt
-    assert ratio.mean() <= 1.002, f"mean ratio {ratio.mean():.5f}"
+    assert ratio.mean() <= 1.0005 and ratio.max() <= 1.02, f"mean {ratio.mean():.5f} worst {ratio.max():.4f}"
     assert (err["neuqi"] <= err["minmax"] * (1 + 1e-6)).all()
+    wg, hg, _ = init_mod.to_groups(w, spec, h)  # the grid search too, on the same groups
+    s, z = init_mod._init_neuqi(wg, hg, spec.maxq, search="grid")
+    grid = init_mod.group_loss(wg, hg, s, z, spec.maxq).double() / opt
+    assert grid.mean() <= 1.0005 and grid.max() <= 1.02
     assert (err["neuqi"] <= err["neuqi_int"] * (1 + 1e-4)).float().mean() > 0.95
 
 

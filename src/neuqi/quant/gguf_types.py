@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from neuqi.quant.grid import QuantParams, QuantSpec, check_weight
-from neuqi.quant.init import _chunked_scale_sweep, _init_neuqi, best_zero, group_loss, to_groups
+from neuqi.quant.init import _chunked_scale_sweep, _init_neuqi_grid, best_zero, group_loss, to_groups
 
 GGUF_BLOCK = 32
 
@@ -176,7 +176,7 @@ def _asymmetric(wg: Tensor, hg: Tensor, t: GGUFType, init: str) -> tuple[Tensor,
     # sometimes wider than the block's range (measured on Q5_1: 1.25x missed 17 %).
     # The exact-scale refinement: on 32-weight blocks it lands a little nearer the
     # dense optimum than the least-squares one (Q5_1 mean ratio 1.0028 vs 1.0031).
-    s, _ = _init_neuqi(wg, hg, maxq, max_ratio=1.5, refine="sweep", rounds=2)
+    s, _ = _init_neuqi_grid(wg, hg, maxq, max_ratio=1.5, refine="sweep", rounds=2)
     best_d = best_m = best_l = None
     # The step as stored (and its fp16 neighbours), each with its exact best offset
     # rounded to fp16: the stored parameters are chosen, not just rounded.

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from neuqi.quant.gguf_types import GGUFType, _fp16, _fp16_step, _offset_loss, keep_lower
 from neuqi.quant.grid import QuantParams
-from neuqi.quant.init import _chunked_scale_sweep, _init_neuqi, group_loss, to_groups
+from neuqi.quant.init import _chunked_scale_sweep, _init_neuqi_grid, group_loss, to_groups
 
 # Candidate super-block steps, as multiples of (largest wanted sub-block step)/K: above
 # 1 the largest sub-block keeps its step and the small ones get a coarser lattice.
@@ -135,7 +135,7 @@ def _asym(wg: Tensor, hg: Tensor, t: GGUFType, init: str) -> tuple[Tensor, Tenso
     mm = _minmax_asym(wg, hg, t, mm_s, -lo)
     if init == "minmax":
         return mm.scale, mm.offset
-    s, z = _init_neuqi(wg, hg, maxq, max_ratio=1.5, refine="sweep", rounds=2)
+    s, z = _init_neuqi_grid(wg, hg, maxq, max_ratio=1.5, refine="sweep", rounds=2)
     m = (s * z).clamp_min(0)
     s_max = s.view(-1, subs).amax(dim=1)
     m_max = m.view(-1, subs).amax(dim=1)
