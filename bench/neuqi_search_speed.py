@@ -19,9 +19,12 @@ NeUQI (float zero), each variant adding one change to the one before:
   windows that hold a minimiser (:func:`neuqi.quant.init._sweep_windows`) instead of
   all ``maxq`` of the bracket.  Every earlier variant sweeps the whole bracket.  This
   is the bounded grid search (``search="grid"``), the default until the pattern search.
-- ``default``: the pattern search (:func:`neuqi.quant.init._init_neuqi_patterns`):
-  a few zero sweeps, each scoring every code pattern it passes through by that
-  pattern's own least-squares grid, then the exact best zero for the final scale.
+- ``patterns``: the pattern search (:func:`neuqi.quant.init._init_neuqi_patterns`) on
+  every configuration: a few zero sweeps, each scoring every code pattern it passes
+  through by that pattern's own least-squares grid, then the exact best zero for the
+  final scale.
+- ``default``: the search as it ships: ``patterns`` on 2/3-bit groups shorter than 256,
+  ``+windows`` elsewhere.
 
 NeUQI_int: the exact scale sweep for every integer zero (``all zeros``, the search of
 9152b71) against the sweep for the 3 zeros the coarse grid ranks best (``top-3``); their
@@ -49,7 +52,7 @@ from neuqi.quant import init as init_mod
 from neuqi.quant.init import dense_scale_search, group_loss, to_groups
 
 NEUQI_VARIANTS = ("before", "+rounding bound", "+upper bounds", "+lloyd", "+UB on long rows", "+windows",
-                  "default")
+                  "patterns", "default")
 OLD_ROUND_BOUND_MIN_LEN = 256  # 9152b71 used the binned bound on long groups only
 
 
@@ -78,13 +81,16 @@ def variant(name: str):
         "+lloyd": dict(upper_bound=True),
         "+UB on long rows": {},
         "+windows": {},
+        "patterns": {},
         "default": {},
     }[name]
     if name == "before":
         init_mod._rounding_bound = long_rows_only
-    if name not in ("+windows", "default"):
+    if name not in ("+windows", "patterns", "default"):
         init_mod._sweep_windows = whole_bracket
-    if name != "default":
+    if name == "patterns":
+        init_mod._init_neuqi = init_mod._init_neuqi_patterns
+    elif name != "default":
         init_mod._init_neuqi = lambda wg, hg, maxq: saved_grid(wg, hg, maxq, **opts)
     try:
         yield

@@ -607,14 +607,17 @@ def _coarse_order(top: int, skip: int, stride: int = 8) -> list[int]:
 # the patterns of a band of scales about ``1/maxq`` wide (relative), so its starting
 # scales are spaced ``PATTERN_STEP / maxq`` apart, from a floor that depends on the
 # bits (the best scale of a group lies lower the fewer the codes: on SmolLM2's block 3
-# and heavy-tailed random groups its 1st percentile is ~0.3 s₀ at 2 bits, ~0.5 at 3)
+# and heavy-tailed random groups its 1st percentile is ~0.3 s₀ at 2 bits, ~0.5 at 3,
+# ~0.6 at 4)
 # up to ``PATTERN_TOP·s₀``.  It is the default where it measured both faster and as
 # good as the bounded grid search (bench/neuqi_search_speed.py, SmolLM2 block 3):
 # 2- and 3-bit groups shorter than ``UB_MIN_LEN``.  At 4 bits it needs 15+ sweeps and
 # was slower, with a worse worst group (1.43 against 1.06 of the dense optimum at
 # g64); on channel-wise rows its mean was 1.00096 at 3 bits against 1.00006.
 PATTERN_STEP = 0.6
-PATTERN_FLOOR = {3: 0.3, 7: 0.5}
+PATTERN_FLOOR = {3: 0.3, 7: 0.5, 15: 0.6}
+# Where the pattern search is the default (maxq), on groups shorter than UB_MIN_LEN.
+PATTERN_DEFAULT_MAXQ = (3, 7)
 PATTERN_TOP = 1.15
 PATTERN_ROUNDS = 1
 # Heavy-tailed groups want scales that clip their outliers, often below the floor:
@@ -625,7 +628,7 @@ PATTERN_INNER = (1, 2, 4)
 
 
 def pattern_ratios(maxq: int) -> tuple[float, ...]:
-    """Starting scales of the pattern search, as fractions of s₀ (``maxq`` 3 or 7)."""
+    """Starting scales of the pattern search, as fractions of s₀ (``maxq`` 3, 7 or 15)."""
     lo = PATTERN_FLOOR[maxq]
     n = max(2, round((PATTERN_TOP - lo) * maxq / PATTERN_STEP) + 1)
     return tuple(lo + (PATTERN_TOP - lo) * i / (n - 1) for i in range(n))
@@ -645,7 +648,7 @@ def _init_neuqi(
     """
     if search not in ("patterns", "grid"):
         raise ValueError(f"search must be 'patterns' or 'grid', got {search!r}")
-    grid = search == "grid" or maxq not in PATTERN_FLOOR or wg.shape[1] >= UB_MIN_LEN
+    grid = search == "grid" or maxq not in PATTERN_DEFAULT_MAXQ or wg.shape[1] >= UB_MIN_LEN
     if grid or max_clip is not None or zero_limit is not None:
         return _init_neuqi_grid(wg, hg, maxq, max_clip=max_clip, zero_limit=zero_limit)
     return _init_neuqi_patterns(wg, hg, maxq)
