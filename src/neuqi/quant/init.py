@@ -608,8 +608,7 @@ def _coarse_order(top: int, skip: int, stride: int = 8) -> list[int]:
 # scales are spaced ``PATTERN_STEP / maxq`` apart, from a floor that depends on the
 # bits (the best scale of a group lies lower the fewer the codes: on SmolLM2's block 3
 # and heavy-tailed random groups its 1st percentile is ~0.3 s₀ at 2 bits, ~0.5 at 3,
-# ~0.6 at 4)
-# up to ``PATTERN_TOP·s₀``.  It is the default where it measured both faster and as
+# ~0.6 at 4) up to ``PATTERN_TOP·s₀``.  It is the default where it measured both faster and as
 # good as the bounded grid search (bench/neuqi_search_speed.py, SmolLM2 block 3):
 # 2- and 3-bit groups shorter than ``UB_MIN_LEN``.  At 4 bits it needs 15+ sweeps and
 # was slower, with a worse worst group (1.43 against 1.06 of the dense optimum at
@@ -667,8 +666,8 @@ def _init_neuqi_patterns(
     :func:`fitted_patterns` scores all of them by their own fit for about the cost
     of the exact best-zero sweep at that scale.  Sweeps at ``ratios·s₀`` (default
     :func:`pattern_ratios`) and at the inner ranges of ``PATTERN_INNER``, then
-    ``rounds`` more at the best scale so far, then the
-    exact best zero for the final scale.  Min-max's own point is the starting
+    ``rounds`` more at the best scale so far, then the exact best zero for the final
+    scale.  Min-max's own point is the starting
     incumbent, so no group ends worse.  On SmolLM2's block 3 at 3-bit g64 the mean
     error is *below* a dense search of 1000 scales with the exact zero at each
     (``bench/neuqi_search_speed.py``).
