@@ -26,9 +26,11 @@ NeUQI (float zero), each variant adding one change to the one before:
 - ``default``: the search as it ships: ``patterns`` on 2/3-bit groups shorter than 256,
   ``+windows`` elsewhere.
 
-NeUQI_int: the exact scale sweep for every integer zero (``all zeros``, the search of
-9152b71) against the sweep for the 3 zeros the coarse grid ranks best (``top-3``); their
-parameters are compared group by group.
+NeUQI_int: the exact scale sweep over every scale for every integer zero (``all zeros``,
+the search of 9152b71), for the 3 zeros the coarse grid ranks best (``top-3``, the search
+until the bracketed one), and the default (``valleys``): the exact sweep only within two
+grid points of the coarse grid's 4 lowest valleys over (zero, scale).  Each group's loss
+is compared with ``all zeros``'.
 
 Real layers: the 7 linears of one decoder block with their diag(H) from c4-sample.
 Time is the whole block; optimality is each group's weighted error divided by a dense
@@ -154,20 +156,24 @@ def main() -> None:
                   f"worst {row['neuqi'][v]['worst']:.4f}", flush=True)
         if not args.no_int:
             int_params = {}
-            for v, keep in (("all zeros", 1 << 30), ("top-3", init_mod.NEUQI_INT_ZEROS)):
-                fn = lambda wg, hg, maxq, keep=keep: init_mod._init_neuqi_int(wg, hg, maxq, keep=keep)  # noqa: E731
+            for v, keep, bracket in (("all zeros", 1 << 30, None), ("top-3", init_mod.NEUQI_INT_ZEROS, None),
+                                     ("valleys", init_mod.NEUQI_INT_ZEROS, init_mod.NEUQI_INT_BRACKET)):
+                fn = lambda wg, hg, maxq, keep=keep, bracket=bracket: init_mod._init_neuqi_int(  # noqa: E731
+                    wg, hg, maxq, keep=keep, bracket=bracket)
                 run_block(layers[:1], spec, fn, 1)
                 secs, int_params[v] = run_block(layers, spec, fn, args.repeat)
                 row["neuqi_int"][v] = {"seconds": secs}
-            worst = 0.0
-            for (_, w, h), a, b in zip(layers, int_params["all zeros"], int_params["top-3"], strict=True):
-                wg, hg, _ = to_groups(w, spec, h)
-                la, lb = (group_loss(wg, hg, s, z, spec.maxq).double() for s, z in (a, b))
-                worst = max(worst, float((lb / la.clamp_min(1e-30)).max()))
-            row["neuqi_int"]["top-3 / all zeros, worst group"] = worst
-            print(f"{name:5s} neuqi_int all zeros {row['neuqi_int']['all zeros']['seconds']:7.2f} s  "
-                  f"top-3 {row['neuqi_int']['top-3']['seconds']:7.2f} s  worst loss ratio {worst:.6f}",
-                  flush=True)
+            for v in ("top-3", "valleys"):
+                r = []
+                for (_, w, h), a, b in zip(layers, int_params["all zeros"], int_params[v], strict=True):
+                    wg, hg, _ = to_groups(w, spec, h)
+                    la, lb = (group_loss(wg, hg, s, z, spec.maxq).double() for s, z in (a, b))
+                    r.append(lb / la.clamp_min(1e-30))
+                r = torch.cat(r)
+                row["neuqi_int"][v].update(mean=float(r.mean()), worst=float(r.max()))
+            for v, d in row["neuqi_int"].items():
+                ratio = f"  mean {d['mean']:.7f}  worst {d['worst']:.5f}" if "mean" in d else ""
+                print(f"{name:5s} neuqi_int {v:9s} {d['seconds']:7.2f} s{ratio}", flush=True)
         rows.append(row)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"model": args.model, "layer": args.layer, "rows_for_ratio": args.rows,

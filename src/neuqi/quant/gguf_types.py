@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from neuqi.quant.grid import QuantParams, QuantSpec, check_weight
-from neuqi.quant.init import _chunked_scale_sweep, _init_neuqi_grid, best_zero, group_loss, to_groups
+from neuqi.quant.init import _init_neuqi_grid, best_zero, fixed_zero_search, group_loss, to_groups
 
 GGUF_BLOCK = 32
 
@@ -253,7 +253,7 @@ def _symmetric(wg: Tensor, hg: Tensor, t: GGUFType, init: str) -> tuple[Tensor, 
     if maxq > EXACT_SWEEP_MAXQ:
         s, z = _fixed_zero_lloyd(wg, hg, mm_s, zeros, maxq)
     else:
-        s, z = _chunked_scale_sweep(wg, hg, maxq, zeros)
+        s, z = fixed_zero_search(wg, hg, maxq, zeros, mm_s)
     ok = torch.isfinite(s) & (s > 0)
     s = torch.where(ok, s, mm_s)
     z = torch.where(ok, z, mm_z)
