@@ -131,21 +131,25 @@ def main() -> None:
     ap.add_argument("--specs", default="3:64,2:64,3:-1,4:-1,4:64", help="bits:group,...")
     ap.add_argument("--rows", type=int, default=64, help="rows per linear for the optimality ratio")
     ap.add_argument("--variants", default="all",
-                    help=f"NeUQI variants to run, comma-separated, or 'all' ({', '.join(NEUQI_VARIANTS)})")
+                    help=f"NeUQI variants to run, comma-separated, 'all' ({', '.join(NEUQI_VARIANTS)}), "
+                         "or '' for the NeUQI_int rows alone")
     ap.add_argument("--no-int", action="store_true", help="skip the NeUQI_int rows")
+    ap.add_argument("--out", default=None,
+                    help="results JSON (default: bench/results/neuqi_search_speed[.MODEL].json)")
     args = ap.parse_args()
     specs = [QuantSpec(int(b), int(g)) for b, g in (c.split(":") for c in args.specs.split(","))]
-    variants = NEUQI_VARIANTS if args.variants == "all" else tuple(args.variants.split(","))
+    variants = NEUQI_VARIANTS if args.variants == "all" else tuple(v for v in args.variants.split(",") if v)
     if unknown := set(variants) - set(NEUQI_VARIANTS):
         ap.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(NEUQI_VARIANTS)}")
     torch.manual_seed(0)
     layers = [(n, w.float(), torch.diagonal(H).float()) for n, w, H in block_layers(args.layer, args.model)]
     suffix = "" if args.model == "smollm2-135m" else f".{args.model}"
     out = Path(__file__).parent / "results" / f"neuqi_search_speed{suffix}.json"
+    out = Path(args.out) if args.out else out
     rows = []
     for spec in specs:
         name = f"{spec.bits}b{'ch' if spec.group_size == -1 else 'g' + str(spec.group_size)}"
-        dense = [dense_scale_search(w[: args.rows], spec, h) for _, w, h in layers]
+        dense = [dense_scale_search(w[: args.rows], spec, h) for _, w, h in layers] if variants else []
         row = {"spec": name, "neuqi": {}, "neuqi_int": {}}
         for v in variants:
             with variant(v):

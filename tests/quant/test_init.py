@@ -289,14 +289,19 @@ def test_bracketed_integer_zero_search_matches_the_exhaustive_one(bits):
     w = torch.distributions.StudentT(4.0).sample((64, 512)) * 0.02
     h = torch.rand(512) ** 3 + 0.01
     wg, hg, _ = init_mod.to_groups(w, spec, h)
+    s0 = init_mod.minmax_scale(wg, spec.maxq)
+    zeros = init_mod._candidate_int_zeros(wg, s0, spec.maxq)
     losses = {}
     for bracket in (None, init_mod.NEUQI_INT_BRACKET):
-        s, z = init_mod._init_neuqi_int(wg, hg, spec.maxq, keep=1 << 10, bracket=bracket)
+        s, z = init_mod.fixed_zero_search(wg, hg, spec.maxq, zeros, s0, bracket=bracket)
         assert torch.equal(z, torch.round(z))
         losses[bracket] = init_mod.group_loss(wg, hg, s, z, spec.maxq).double()
     ratio = losses[init_mod.NEUQI_INT_BRACKET] / losses[None]
     assert float(ratio.mean()) <= 1.0001
     assert float(ratio.max()) <= 1.03
+    if bits == 2:  # few breakpoints: NeUQI_int takes the exhaustive search itself
+        s, z = init_mod._init_neuqi_int(wg, hg, spec.maxq)
+        torch.testing.assert_close(init_mod.group_loss(wg, hg, s, z, spec.maxq).double(), losses[None])
 
 
 def test_chunked_sweeps_trim_the_heap_on_cpu_and_keep_their_results(monkeypatch):

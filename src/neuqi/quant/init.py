@@ -996,10 +996,15 @@ NEUQI_INT_MAX_ZEROS = 16
 # Bracketed search (the default): the coarse grid's lowest valleys (local minima over
 # zero and scale), each swept exactly within NEUQI_INT_BRACKET grid points of it.
 # At 4-bit g64 on SmolLM2's block 3, 4 valleys leave 3 groups in 56k more than 0.5%
-# above the sweep over every scale (worst 1.9%); bracketing only the lowest grid point
-# of each of the 3 best zeros left 16 groups more than 1% above (worst 45%).
-NEUQI_INT_VALLEYS = 4
+# above the sweep over every scale (worst 1.9%), 3 valleys 5 groups above 1% (worst
+# 27%); bracketing only the lowest grid point of each of the 3 best zeros left 16
+# groups above 1% (worst 45%).  At 3 bits 2 valleys suffice (worst 0.09%).
+NEUQI_INT_VALLEYS = {7: 2}  # maxq → valleys; 4 for any other maxq
 NEUQI_INT_BRACKET = 2
+# Up to this many breakpoints per weight (zeros × maxq: 2 bits has 4 × 3) the exact
+# sweep over every scale for every zero costs less than the coarse grid (SmolLM2 block
+# 3 at 2-bit g64: 3.7 s against 5.1 s), and it is exhaustive.
+NEUQI_INT_EXHAUSTIVE_EVENTS = 12
 # Coarse ratios past NEUQI_MAX_RATIO that the bracketed search also scores: on that
 # block at 2-bit g64 one group in 3500 has its best integer-zero grid beyond 1.25·s₀
 # (up to 2.74·s₀), and such groups lost up to 5x when the search stopped at 1.25·s₀.
@@ -1041,6 +1046,8 @@ def _init_neuqi_int(
     """
     s0 = minmax_scale(wg, maxq)
     zeros = _candidate_int_zeros(wg, s0, maxq)
+    if zeros.shape[1] * maxq <= NEUQI_INT_EXHAUSTIVE_EVENTS:
+        keep, bracket = None, None
     scale, zero = fixed_zero_search(wg, hg, maxq, zeros, s0, keep, bracket, coarse, max_ratio)
     ok = torch.isfinite(scale) & (scale > 0)
     mm_s, mm_z = _init_minmax(wg, maxq, 1.0)
@@ -1061,8 +1068,8 @@ def fixed_zero_search(
     (direct evaluation, one pass over the group per point).  With ``bracket`` None,
     the ``keep`` best zeros (all when None) get the exact sweep over every scale
     (:func:`_scale_sweep_chunk`, ``n·maxq`` events per zero).  Otherwise the grid
-    also has the sparse tail ``NEUQI_INT_TAIL``, and the ``NEUQI_INT_VALLEYS`` lowest
-    local minima over (zero, scale) each get the exact sweep within ``bracket`` grid
+    also has the sparse tail ``NEUQI_INT_TAIL``, and the lowest few local minima over
+    (zero, scale) (``NEUQI_INT_VALLEYS``) each get the exact sweep within ``bracket`` grid
     points (:func:`_bracket_sweep_chunk`, a few events per weight): at 4 bits a
     zero's loss has several valleys of nearly equal depth, and the grid's lowest
     point is often in the wrong one.  ``s0: [G]`` is the scale the ratios multiply.
@@ -1091,7 +1098,8 @@ def fixed_zero_search(
     padded = torch.cat([inf, losses, inf], dim=1)
     valley = (losses <= padded[:, :-2]) & (losses <= padded[:, 2:])
     ranked = torch.where(valley, losses, torch.inf).reshape(G, -1)
-    top = ranked.topk(min(NEUQI_INT_VALLEYS, K * Z), dim=1, largest=False).indices  # [G, M]
+    valleys = NEUQI_INT_VALLEYS.get(maxq, 4)
+    top = ranked.topk(min(valleys, K * Z), dim=1, largest=False).indices  # [G, M]
     i, zi = torch.div(top, Z, rounding_mode="floor"), top % Z
     lo = torch.where(i >= bracket, ratios[(i - bracket).clamp_min(0)], ratios[0] / 2)
     hi = torch.where(i + bracket < K, ratios[(i + bracket).clamp_max(K - 1)], ratios[-1] * 1.25)
