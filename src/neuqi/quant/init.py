@@ -1002,8 +1002,8 @@ NEUQI_INT_MAX_ZEROS = 16
 NEUQI_INT_VALLEYS = {7: 2}  # maxq → valleys; 4 for any other maxq
 NEUQI_INT_BRACKET = 2
 # Up to this many breakpoints per weight (zeros × maxq: 2 bits has 4 × 3) the exact
-# sweep over every scale for every zero costs less than the coarse grid (SmolLM2 block
-# 3 at 2-bit g64: 3.7 s against 5.1 s), and it is exhaustive.
+# sweep over every scale for every zero costs no more than the coarse grid (SmolLM2
+# block 3 at 2-bit g64: 3.1–3.7 s against 3.2–5.1 s in two runs), and it is exhaustive.
 NEUQI_INT_EXHAUSTIVE_EVENTS = 12
 # Coarse ratios past NEUQI_MAX_RATIO that the bracketed search also scores: on that
 # block at 2-bit g64 one group in 3500 has its best integer-zero grid beyond 1.25·s₀
@@ -1036,7 +1036,8 @@ def _candidate_int_zeros(wg: Tensor, s0: Tensor, maxq: int) -> Tensor:
 
 def _init_neuqi_int(
     wg: Tensor, hg: Tensor, maxq: int, coarse: int = NEUQI_COARSE,
-    max_ratio: float = NEUQI_MAX_RATIO, keep: int = NEUQI_INT_ZEROS, bracket: int | None = NEUQI_INT_BRACKET,
+    max_ratio: float = NEUQI_MAX_RATIO, keep: int | None = NEUQI_INT_ZEROS,
+    bracket: int | None = NEUQI_INT_BRACKET,
 ) -> tuple[Tensor, Tensor]:
     """NeUQI_int: best integer zero with the best scale for it
     (:func:`fixed_zero_search` over the integer zeros near min-max's).
@@ -1118,7 +1119,7 @@ def _chunked_bracket_sweep(
     Z = zeros.shape[1]
     span = wg.abs().amax(1, keepdim=True) * (1 / s_lo - 1 / s_hi)  # [G, Z] boundaries crossed
     budget = _CHUNK_ELEMENTS.get(wg.device.type, 1 << 20)
-    chunk = max(1, budget // (n * Z * 3))
+    chunk = max(1, budget // (n * Z * 3))  # sized for the typical 2–3 events per weight
     scales, zero_pts = [], []
     for j, i in enumerate(range(0, G, chunk)):
         part = slice(i, i + chunk)
