@@ -29,8 +29,9 @@ NeUQI (float zero), each variant adding one change to the one before:
 NeUQI_int: the exact scale sweep over every scale for every integer zero (``all zeros``,
 the search of 9152b71), for the 3 zeros the coarse grid ranks best (``top-3``, the search
 until the bracketed one), and the default (``valleys``): the exact sweep only within two
-grid points of the coarse grid's 4 lowest valleys over (zero, scale).  Each group's loss
-is compared with ``all zeros``'.
+grid points of the coarse grid's lowest valleys over (zero, scale).  Each group's loss
+is compared with ``all zeros``'.  At 2 bits ``_init_neuqi_int`` takes the exhaustive
+search whatever it is asked, so the three rows run the same search there.
 
 Real layers: the 7 linears of one decoder block with their diag(H) from c4-sample.
 Time is the whole block; optimality is each group's weighted error divided by a dense
