@@ -8,7 +8,8 @@ against min-max LDLQ on the same model and calibration, and their perplexity.
 Every run is its own ``neuqi quantize`` process, one after the other (two torch
 processes on 2 cores slow each other several-fold).  ``quantize_seconds`` is the
 run's own figure from its ``result.json`` (calibration forwards, H, init, solve), and
-``init_seconds`` the part of it spent choosing the parameters.
+``init_seconds`` the part of it spent choosing the parameters, ``solve_seconds`` the
+LDLQ solves and ``capture_seconds`` the calibration forwards.
 ``--before SRC`` also runs the NeUQI inits from another checkout's ``src`` folder
 (e.g. a ``git worktree`` of the previous commit) so that before and after share a
 machine and a session.  The defaults are ``make demo``'s calibration (16 × 512
@@ -57,6 +58,8 @@ def run_one(model: Path, bits: int, group: int, init: str, args, src: Path | Non
         res = json.loads((run_dir / "result.json").read_text())
     return {"quantize_seconds": res["timing"]["quantize_seconds"],
             "init_seconds": res["timing"].get("init_seconds"),
+            "solve_seconds": res["timing"].get("solve_seconds"),
+            "capture_seconds": res["timing"].get("capture_seconds"),
             "ppl": {k: v["ppl"] for k, v in res["eval"].get("ppl", {}).items()}}
 
 
@@ -107,15 +110,17 @@ def main() -> None:
 def print_table(data: dict) -> None:
     runs = data["runs"]
     print(f"\n{data['setup']}\n")
-    print("| config | init | variant | quantize s | init s | × min-max | ppl |")
-    print("|---|---|---|---|---|---|---|")
+    print("| config | init | variant | quantize s | init s | solve s | × min-max | ppl |")
+    print("|---|---|---|---|---|---|---|---|")
     for key, r in runs.items():
         variant, cfg, init = key.split("/")
         base = runs.get(f"after/{cfg}/minmax")
         ratio = f"{r['quantize_seconds'] / base['quantize_seconds']:.2f}" if base else "-"
         ppl = ", ".join(f"{v:.2f}" for v in r["ppl"].values())
-        init_s = "-" if r.get("init_seconds") is None else f"{r['init_seconds']:.0f}"
-        print(f"| {cfg} | {init} | {variant} | {r['quantize_seconds']:.0f} | {init_s} | {ratio} | {ppl} |")
+        init_s, solve_s = ("-" if r.get(k) is None else f"{r[k]:.0f}"
+                           for k in ("init_seconds", "solve_seconds"))
+        print(f"| {cfg} | {init} | {variant} | {r['quantize_seconds']:.0f} | {init_s} | {solve_s} | "
+              f"{ratio} | {ppl} |")
 
 
 if __name__ == "__main__":

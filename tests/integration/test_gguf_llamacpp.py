@@ -66,12 +66,18 @@ def fp_agreement(smollm2, work):
 # with NeUQI's steps (negative steps flip the codes) and one with a float offset. Q4_1
 # takes llama.cpp's own min-max parameters here: its NeUQI search costs ~7 minutes on
 # SmolLM2's 210 linears on 2 cores, and NeUQI's offsets reach llama.cpp in
-# test_gguf_kquants (Q4_K, Q5_K) on a tiny model.
-@pytest.mark.parametrize(("gguf_type", "init"), [("Q4_0", "neuqi"), ("Q4_1", "minmax")])
-def test_llamacpp_runs_our_gguf_as_we_do(smollm2, work, fp_agreement, gguf_type, init):
+# test_gguf_kquants (Q4_K, Q5_K) on a tiny model.  The NeUQI file mixes types per
+# tensor: Q4_0 on q/o/down_proj and Q8_0 (its cheap step search) on the other four,
+# which searches 90 linears instead of 210 and also puts a per-tensor mix through
+# llama.cpp.
+MIXED = "self_attn.k_proj=Q8_0,self_attn.v_proj=Q8_0,mlp.gate_proj=Q8_0,mlp.up_proj=Q8_0"
+
+
+@pytest.mark.parametrize(("gguf_type", "init", "tensors"), [("Q4_0", "neuqi", MIXED), ("Q4_1", "minmax", "")])
+def test_llamacpp_runs_our_gguf_as_we_do(smollm2, work, fp_agreement, gguf_type, init, tensors):
     folder, source = smollm2
-    cfg = RunConfig(model=str(folder), gguf=gguf_type, method="rtn", init=init, nsamples=2, seqlen=128,
-                    out_dir=str(work / "runs"), device="cpu")
+    cfg = RunConfig(model=str(folder), gguf=gguf_type, gguf_tensor=tensors, method="rtn", init=init,
+                    nsamples=2, seqlen=128, out_dir=str(work / "runs"), device="cpu")
     run_dir = quantize_model(cfg, quiet=True)
     out = work / f"{gguf_type}.gguf"
     res = export_run(run_dir, "gguf", out, gguf_options={"source": source})
@@ -79,6 +85,8 @@ def test_llamacpp_runs_our_gguf_as_we_do(smollm2, work, fp_agreement, gguf_type,
     reader = open_gguf(out)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == gguf_type and types["token_embd.weight"] == "Q8_0"
+    assert types["blk.29.ffn_down.weight"] == gguf_type
+    assert types["blk.29.ffn_up.weight"] == ("Q8_0" if tensors else gguf_type)
 
     r, base = _engine_base(out, work, gguf_type)
     tok = load_tokenizer(folder)
@@ -88,8 +96,8 @@ def test_llamacpp_runs_our_gguf_as_we_do(smollm2, work, fp_agreement, gguf_type,
     # llama.cpp's own perplexity is the one it printed (its stored log-probs are 16-bit).
     assert abs(ours["ppl_engine"] / r.ppl - 1) < 1e-2
     assert abs(fp["ppl_engine"] / fp_r.ppl - 1) < 1e-2
-    # F32 GGUF vs torch, measured 2026-12-03 (3 chunks of 256): |dNLL| 0.089, KL 0.0175,
-    # top-1 95.0 %; Q4_0: |dNLL| 0.119, KL 0.0199, top-1 93.7 %, PPL 31.86 vs 32.03.
+    # F32 GGUF vs torch, measured 2026-12-05 (3 chunks of 256): |dNLL| 0.089, KL 0.0175,
+    # top-1 94.5 %; Q4_0/Q8_0: |dNLL| 0.110, KL 0.0196, top-1 92.9 %, PPL 28.90 vs 29.10.
     assert fp["nll_abs_mean"] < 0.15 and fp["top1_agree"] > 0.9
     assert abs(ours["ppl_ours"] / ours["ppl_engine"] - 1) < 0.03
     assert ours["nll_abs_mean"] < 2 * fp["nll_abs_mean"]
