@@ -37,7 +37,7 @@ llama-cpp: $(LLAMA_CPP_STAMP)
 
 test: $(STAMP) data $(LLAMA_CPP_STAMP)
 	$(VENV)/bin/ruff check src tests bench
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q --durations=25
 
 # the demo fetches only what it uses (model, c4-sample, wiki-sample), not the whole `data`
 demo: $(STAMP)

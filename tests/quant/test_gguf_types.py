@@ -173,7 +173,9 @@ def _dense_kquant(w, h, t, n_d: int = 400, n_dmin: int = 24) -> float:
 def test_kquant_near_dense_search_of_the_representable_set(name: str) -> None:
     t = GGUF_TYPES[name]
     ratios = []
-    for seed in range(3):
+    # Q4_K's dense set (63 × 64 integer pairs per sub-block) costs ~40 s a seed on 2
+    # cores: one seed, the one that measured worst.
+    for seed in (1,) if name == "Q4_K" else range(3):
         w, h = _heavy(1, 256, seed=seed)
         ours = float(_group_losses(w, h, gguf_params(w, t, "neuqi", h), t).sum())
         ratios.append(ours / _dense_kquant(w, h, t))
