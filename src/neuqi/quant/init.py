@@ -637,15 +637,25 @@ PATTERN_ROUNDS = 1
 # Heavy-tailed groups want scales that clip their outliers, often below the floor:
 # sweeps also start at the range without the ``k`` smallest and ``k`` largest
 # weights.  On SmolLM2's 2-bit g64 linears and heavy-tailed random groups this took
-# the worst group from 1.014-1.056 to ≤ 1.002 of the dense optimum.
-PATTERN_INNER = (1, 2, 4)
+# the worst group from 1.014-1.056 to ≤ 1.002 of the dense optimum.  Two bits clip
+# deeper: with ``k = 6`` too the worst 2-bit g64 group of block 3 went from 1.0109 to
+# 1.0058 for one more sweep; at 3 bits it changed nothing (by ``maxq``).
+PATTERN_INNER = {3: (1, 2, 4, 6), 7: (1, 2, 4)}
+
+
+# One more start below the floor, by ``maxq``: on heavy-tailed random groups (Student-t,
+# ν = 4) one 3-bit g64 group in 2048 had its best scale at 0.42·s₀ and ended 1.082 of
+# the dense optimum; a start at 0.4 brought the worst to 1.010 (bench/init_quality.py),
+# for one sweep more, and left SmolLM2's block 3 as it was.
+PATTERN_DEEP = {7: 0.4}
 
 
 def pattern_ratios(maxq: int) -> tuple[float, ...]:
     """Starting scales of the pattern search, as fractions of s₀ (``maxq`` 3, 7 or 15)."""
     lo = PATTERN_FLOOR[maxq]
     n = max(2, round((PATTERN_TOP - lo) * maxq / PATTERN_STEP) + 1)
-    return tuple(lo + (PATTERN_TOP - lo) * i / (n - 1) for i in range(n))
+    deep = (PATTERN_DEEP[maxq],) if maxq in PATTERN_DEEP else ()
+    return deep + tuple(lo + (PATTERN_TOP - lo) * i / (n - 1) for i in range(n))
 
 
 def _init_neuqi(
@@ -692,7 +702,8 @@ def _init_neuqi_patterns(
     ws = torch.sort(wg, dim=1).values
     n = wg.shape[1]
     starts = [s0 * r for r in ratios]
-    starts += [torch.where(inner > 1e-9, inner, s0) for k in PATTERN_INNER if 2 * k + 1 < n
+    inner_ks = PATTERN_INNER.get(maxq, (1, 2, 4))
+    starts += [torch.where(inner > 1e-9, inner, s0) for k in inner_ks if 2 * k + 1 < n
                for inner in [(ws[:, n - 1 - k] - ws[:, k]) / maxq]]
     best_s = s0
     best_z = _init_minmax(wg, maxq, 1.0)[1]
