@@ -333,16 +333,8 @@ def _fit_sweep_chunk(
     s_u = (hs * us).sum(1, keepdim=True)
     ss_u = (hs * us * us).sum(1, keepdim=True) - s_u * s_u / n_h
 
-    def prefix(first: Tensor, steps: Tensor) -> tuple[Tensor, Tensor]:
-        """The first piece's sum ``[G, 1]`` and every later piece's ``[G, M]`` (no
-        concatenation: that would copy each ``[G, M]`` once more)."""
-        return first, first + torch.cumsum(steps.reshape(G, -1), dim=1)
-
-    sums = zip(prefix((hs * q0).sum(1, keepdim=True), hv),
-               prefix((hs * q0 * q0).sum(1, keepdim=True), hv * (2 * (k - c) + 1)),
-               prefix((hs * q0 * us).sum(1, keepdim=True), hv * us[:, None, :]), strict=True)
-    fits = []
-    for s_q, s_qq, s_uq in sums:  # the first piece, then the rest
+    def best_fit(s_q: Tensor, s_qq: Tensor, s_uq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(a, b, residual)`` of the best piece among those the sums describe."""
         var = n_h * s_qq - s_q * s_q  # n_h² times the weighted variance of q
         cov = n_h * s_uq - s_q * s_u
         a = cov / var.clamp_min(1e-30)
@@ -352,8 +344,15 @@ def _fit_sweep_chunk(
         best = res.argmin(dim=1, keepdim=True)
         a_best = a.gather(1, best)
         b_best = u_bar - a_best * c + (s_u - a_best * s_q.gather(1, best)) / n_h
-        fits.append((a_best.squeeze(1), b_best.squeeze(1), res.gather(1, best).squeeze(1)))
-    (a0, b0, r0), (a1, b1, r1) = fits
+        return a_best.squeeze(1), b_best.squeeze(1), res.gather(1, best).squeeze(1)
+
+    # The first piece's sums ([G, 1]) and every later piece's ([G, M]) are scored apart:
+    # concatenating them would copy each [G, M] prefix sum once more.
+    first = ((hs * q0).sum(1, keepdim=True), (hs * q0 * q0).sum(1, keepdim=True),
+             (hs * q0 * us).sum(1, keepdim=True))
+    steps = (hv, hv * (2 * (k - c) + 1), hv * us[:, None, :])
+    rest = [f + torch.cumsum(d.reshape(G, -1), dim=1) for f, d in zip(first, steps, strict=True)]
+    (a0, b0, r0), (a1, b1, r1) = best_fit(*first), best_fit(*rest)
     later = r1 < r0
     out = (torch.where(later, a1, a0), torch.where(later, b1, b0), torch.where(later, r1, r0))
     return tuple(x.to(u.dtype) for x in out)
@@ -702,7 +701,7 @@ def _init_neuqi_patterns(
     ws = torch.sort(wg, dim=1).values
     n = wg.shape[1]
     starts = [s0 * r for r in ratios]
-    inner_ks = PATTERN_INNER.get(maxq, (1, 2, 4))
+    inner_ks = PATTERN_INNER.get(maxq, PATTERN_INNER[7])
     starts += [torch.where(inner > 1e-9, inner, s0) for k in inner_ks if 2 * k + 1 < n
                for inner in [(ws[:, n - 1 - k] - ws[:, k]) / maxq]]
     best_s = s0
