@@ -137,3 +137,45 @@ def test_every_listed_architecture_quantizes_saves_and_loads(model_type, tmp_pat
     for loaded in (neuqi.load(tmp_path / "ckpt"), AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")):
         with torch.no_grad():
             torch.testing.assert_close(loaded(x).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", sorted(ADAPTERS))
+def test_replaying_settled_modules_changes_nothing(model_type, monkeypatch):
+    """The attention's output, replayed once its linears are quantized instead of
+    recomputed in the later passes, gives bit-identical codes, parameters and layer
+    outputs to recomputing everything, on every listed architecture (MoE layers,
+    Gemma 3's per-layer masks, Phi-3's fused projections)."""
+    from neuqi.pipeline.config import QuantConfig
+    from neuqi.pipeline.replay import SettledReplay
+    from neuqi.pipeline.sequential import quantize_layers
+
+    opts = QuantConfig(bits=3, group_size=32, init="minmax")
+    ids = torch.randint(0, 128, (3, SEQ))
+    made: list[SettledReplay] = []
+    init = SettledReplay.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(SettledReplay, "__init__", recording_init)
+    runs = []
+    for replay in (True, False):
+        if not replay:
+            monkeypatch.setattr(SettledReplay, "_settled", lambda self, child: False)
+        model = tiny(model_type)
+        adapter = adapter_for(model_type)
+        batches = capture_layer_inputs(model, adapter, ids, 2, torch.device("cpu"))
+        records, _ = quantize_layers(model, adapter, batches, opts, torch.device("cpu"))
+        with torch.no_grad():
+            logits = model(ids).logits
+        runs.append((records, logits, sum(r.replayed for r in made)))
+        made.clear()
+    (on, logits_on, replayed), (off, logits_off, none) = runs
+    assert replayed > 0 and none == 0
+    assert sorted(on) == sorted(off)
+    for name in on:
+        assert torch.equal(on[name].qweight, off[name].qweight), name
+        assert torch.equal(on[name].params.scale, off[name].params.scale), name
+        assert torch.equal(on[name].params.zero, off[name].params.zero), name
+    assert torch.equal(logits_on, logits_off)

@@ -24,6 +24,7 @@ from neuqi.formats.packing import unpack_weight
 from neuqi.memory import release_freed_memory
 from neuqi.models.adapters import Adapter, decoder_layers
 from neuqi.pipeline.config import QuantConfig
+from neuqi.pipeline.replay import SettledReplay
 from neuqi.pipeline.resume import ResumeState
 from neuqi.quant import dequantize, gptq_quantize
 from neuqi.quant.gguf_types import GGUFType, type_for_row
@@ -289,24 +290,30 @@ def quantize_layers(
         if before_layer is not None:
             before_layer(i, layer)
         layer.to(device)
-        for group in adapter.layer_groups(layer):
-            linears = [layer.get_submodule(name) for name in group]
-            H = group_hessian(layer, linears[0], batches)
-            for name, lin in zip(group, linears, strict=True):
-                full = f"{adapter.layers}.{i}.{name}"
-                record, st = quantize_linear(lin, H, opts, full)
-                records[full] = record
-                st.update(name=full, shape=list(lin.weight.shape))
-                stats.append(st)
-            del H
-        if (experts := adapter.layer_experts(layer)) is not None:
-            from neuqi.pipeline.moe import quantize_experts
+        groups = [[layer.get_submodule(name) for name in group] for group in adapter.layer_groups(layer)]
+        experts = adapter.layer_experts(layer)
+        replay = SettledReplay(layer, [lin for linears in groups for lin in linears], experts)
+        with replay.active():
+            for group, linears in zip(adapter.layer_groups(layer), groups, strict=True):
+                H = group_hessian(layer, linears[0], batches)
+                for name, lin in zip(group, linears, strict=True):
+                    full = f"{adapter.layers}.{i}.{name}"
+                    record, st = quantize_linear(lin, H, opts, full)
+                    records[full] = record
+                    st.update(name=full, shape=list(lin.weight.shape))
+                    stats.append(st)
+                replay.done(linears)
+                del H
+            if experts is not None:
+                from neuqi.pipeline.moe import quantize_experts
 
-            ex_records, ex_stats = quantize_experts(layer, experts, adapter.experts, batches, opts,
-                                                    f"{adapter.layers}.{i}.{adapter.experts.path}")
-            records.update(ex_records)
-            stats += ex_stats
-        batches = layer_outputs(layer, batches)
+                ex_records, ex_stats = quantize_experts(layer, experts, adapter.experts, batches, opts,
+                                                        f"{adapter.layers}.{i}.{adapter.experts.path}")
+                records.update(ex_records)
+                stats += ex_stats
+                replay.done([experts])
+            replay.last_pass()
+            batches = layer_outputs(layer, batches)
         layer.to(home)
         if after_layer is not None:
             after_layer(i, layer)
