@@ -4,7 +4,8 @@ True-sequential quantization runs a decoder layer once per linear group (each gr
 H sees the earlier groups quantized) and once more for the layer's output.  Once every
 linear of a child module (the attention block) is quantized, that child's output can
 no longer change, yet each later pass recomputed it: in a LLaMA-style layer the
-attention ran four times where two suffice, about 10% of a min-max run on SmolLM2.
+attention ran four times where two suffice (replaying it took a min-max run on
+SmolLM2-135M from 264 s to 178 s on 2 CPU cores).
 
 A child is *settled* when it holds no linear still to be quantized (nor the experts,
 until they are done).  Its output is recorded the first time it runs settled and handed

@@ -290,11 +290,13 @@ def quantize_layers(
         if before_layer is not None:
             before_layer(i, layer)
         layer.to(device)
-        groups = [[layer.get_submodule(name) for name in group] for group in adapter.layer_groups(layer)]
+        names = adapter.layer_groups(layer)
+        groups = [[layer.get_submodule(name) for name in group] for group in names]
         experts = adapter.layer_experts(layer)
+        # the attention, once its linears are quantized, is replayed in the later passes
         replay = SettledReplay(layer, [lin for linears in groups for lin in linears], experts)
         with replay.active():
-            for group, linears in zip(adapter.layer_groups(layer), groups, strict=True):
+            for group, linears in zip(names, groups, strict=True):
                 H = group_hessian(layer, linears[0], batches)
                 for name, lin in zip(group, linears, strict=True):
                     full = f"{adapter.layers}.{i}.{name}"
