@@ -622,15 +622,14 @@ def _coarse_order(top: int, skip: int, stride: int = 8) -> list[int]:
 # scales are spaced ``PATTERN_STEP / maxq`` apart, from a floor that depends on the
 # bits (the best scale of a group lies lower the fewer the codes: on SmolLM2's block 3
 # and heavy-tailed random groups its 1st percentile is ~0.3 s₀ at 2 bits, ~0.5 at 3,
-# ~0.6 at 4) up to ``PATTERN_TOP·s₀``.  It is the default where it measured both faster and as
-# good as the bounded grid search (bench/neuqi_search_speed.py, SmolLM2 block 3):
-# 2- and 3-bit groups shorter than ``UB_MIN_LEN``.  At 4 bits it needs 15+ sweeps and
-# was slower, with a worse worst group (1.43 against 1.06 of the dense optimum at
-# g64); on channel-wise rows its mean was 1.00096 at 3 bits against 1.00006.
+# ~0.6 at 4) up to ``PATTERN_TOP·s₀``.  It was the default on 2- and 3-bit groups
+# shorter than ``UB_MIN_LEN`` until the multi-start search, which reaches the same
+# optimality with three sweeps (``search="patterns"`` still selects it).  At 4 bits it
+# needs 15+ sweeps and was slower than the grid search, with a worse worst group (1.43
+# against 1.06 of the dense optimum at g64); on channel-wise rows its mean was 1.00096
+# at 3 bits against 1.00006.
 PATTERN_STEP = 0.6
 PATTERN_FLOOR = {3: 0.3, 7: 0.5, 15: 0.6}
-# Where the pattern search is the default (maxq), on groups shorter than UB_MIN_LEN.
-PATTERN_DEFAULT_MAXQ = (3, 7)
 PATTERN_TOP = 1.15
 PATTERN_ROUNDS = 1
 # Heavy-tailed groups want scales that clip their outliers, often below the floor:
@@ -657,24 +656,148 @@ def pattern_ratios(maxq: int) -> tuple[float, ...]:
     return deep + tuple(lo + (PATTERN_TOP - lo) * i / (n - 1) for i in range(n))
 
 
+# The multi-start search (:func:`_init_neuqi_multistart`): ``MULTI_RATIOS`` scales evenly
+# in ``[MULTI_LOW, MULTI_HIGH]·s₀``, each scored with ``MULTI_ZEROS`` zeros and
+# ``MULTI_ZERO_STEPS`` Lloyd steps of the zero, then ``MULTI_STEPS`` joint Lloyd steps of
+# (scale, zero); the two best local results at least ``MULTI_SEP`` apart (relative
+# scale) each get a pattern sweep.  On SmolLM2's block 3 (bench/neuqi_search_speed.py)
+# 12 zeros left the worst 2-bit g64 group 1.011 of the dense optimum, 16 left it at
+# 1.0000; 17 ratios or 6 zeros let 3-bit groups end in the wrong one of two valleys
+# of nearly equal depth (worst 1.03–1.18).  Long rows (channel-wise) keep the grid
+# search: there the best scale is a lucky one among many nearly equal, which only a
+# fine exact search finds (mean 1.0009–1.0033 of the dense optimum with this search).
+MULTI_RATIOS = 33
+MULTI_LOW, MULTI_HIGH = 0.25, 1.25
+MULTI_ZEROS = 16
+MULTI_ZERO_STEPS = 2
+MULTI_STEPS = 2
+MULTI_SEP = 0.05
+# Where the multi-start search is the default: groups shorter than UB_MIN_LEN, 2-4 bits.
+MULTI_DEFAULT_MAXQ = (3, 7, 15)
+
+NEUQI_SEARCHES = ("multistart", "patterns", "grid")
+
+
 def _init_neuqi(
-    wg: Tensor, hg: Tensor, maxq: int, search: str = "patterns",
+    wg: Tensor, hg: Tensor, maxq: int, search: str | None = None,
     max_clip: float | None = None, zero_limit: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """NeUQI's float-zero search: ``(scale, zero)`` per group row of ``wg, hg: [G, n]``.
 
-    ``search="patterns"`` (default): :func:`_init_neuqi_patterns` on 2- and 3-bit
-    groups shorter than ``UB_MIN_LEN``.  ``"grid"``: the bounded exact search over a
-    fine grid of scales (:func:`_init_neuqi_grid`), also used at other bit widths, on
-    long rows, and whenever the zero is constrained (``max_clip``, ``zero_limit``),
-    which the pattern fits do not respect.
+    ``search`` None (default): :func:`_init_neuqi_multistart` on 2- to 4-bit groups
+    shorter than ``UB_MIN_LEN``, the bounded exact grid search
+    (:func:`_init_neuqi_grid`) elsewhere: on long rows, at other bit widths, and
+    whenever the zero is constrained (``max_clip``, ``zero_limit``), which the fitted
+    grids of the other searches do not respect.  ``"multistart"``, ``"patterns"``
+    (:func:`_init_neuqi_patterns`, the default before the multi-start search) and
+    ``"grid"`` force one search where the zero is free.
     """
-    if search not in ("patterns", "grid"):
-        raise ValueError(f"search must be 'patterns' or 'grid', got {search!r}")
-    grid = search == "grid" or maxq not in PATTERN_DEFAULT_MAXQ or wg.shape[1] >= UB_MIN_LEN
-    if grid or max_clip is not None or zero_limit is not None:
+    if search is not None and search not in NEUQI_SEARCHES:
+        raise ValueError(f"search must be one of {NEUQI_SEARCHES}, got {search!r}")
+    if max_clip is not None or zero_limit is not None or search == "grid":
         return _init_neuqi_grid(wg, hg, maxq, max_clip=max_clip, zero_limit=zero_limit)
-    return _init_neuqi_patterns(wg, hg, maxq)
+    if search == "patterns":
+        return _init_neuqi_patterns(wg, hg, maxq)
+    if search == "multistart" or (maxq in MULTI_DEFAULT_MAXQ and wg.shape[1] < UB_MIN_LEN):
+        return _init_neuqi_multistart(wg, hg, maxq)
+    return _init_neuqi_grid(wg, hg, maxq)
+
+
+def _multistart_chunk(
+    wg: Tensor, hg: Tensor, s: Tensor, maxq: int, n_zeros: int, zero_steps: int, steps: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every start scale ``s: [G, K]`` carried to a local optimum by direct evaluation.
+
+    A good zero for each scale (:func:`_upper_bound_chunk` over the placements of the
+    grid on the group's range), then ``steps`` joint Lloyd steps: the weighted
+    least-squares grid ``w ≈ a·q + b`` for the current codes becomes the new
+    ``(scale, zero) = (a, −b/a)``, re-rounded.  Each step costs a few passes over the
+    group and no sort; returns the best ``(scale, zero, loss)`` each start reached,
+    each ``[G, K]``.
+    """
+    lo, hi = -wg.amin(1, keepdim=True) / s, maxq - wg.amax(1, keepdim=True) / s
+    z, loss = _upper_bound_chunk(wg, hg, s, torch.minimum(lo, hi) - 0.5, torch.maximum(lo, hi) + 0.5,
+                                 maxq, n_zeros, zero_steps)
+    w3, h3 = wg[:, None, :], hg[:, None, :]
+    h_sum = hg.sum(1, keepdim=True)
+    w_bar = (hg * wg).sum(1, keepdim=True) / h_sum
+    best_s, best_z, best_l = s, z, loss
+    for _ in range(steps):
+        q = torch.clamp(torch.round(w3 * (1.0 / s)[:, :, None] + z[:, :, None]), 0, maxq)
+        q_bar = (h3 * q).sum(-1) / h_sum
+        dq = q - q_bar[:, :, None]
+        var = (h3 * dq * dq).sum(-1)
+        a = (h3 * dq * w3).sum(-1) / var.clamp_min(1e-30)
+        ok = (var > 1e-12 * h_sum) & (a > 0) & torch.isfinite(a)
+        s = torch.where(ok, a, s)
+        z = torch.where(ok, q_bar - w_bar / torch.where(ok, a, 1.0), z)
+        q = torch.clamp(torch.round(w3 * (1.0 / s)[:, :, None] + z[:, :, None]), 0, maxq)
+        e = w3 - s[:, :, None] * (q - z[:, :, None])
+        loss = (h3 * e * e).sum(-1)
+        better = loss < best_l
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+        best_l = torch.where(better, loss, best_l)
+    return best_s, best_z, best_l
+
+
+def _multistart_points(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_multistart_chunk` from ``MULTI_RATIOS`` start scales, over chunks of groups.
+
+    Returns ``(s1, z1, l1, s2)``, each ``[G]``: the best point reached, and the scale
+    of the best one at least ``MULTI_SEP`` away from ``s1`` (a second valley; ``0.85·s1``
+    where every start ended near ``s1``)."""
+    G, n = wg.shape
+    s0 = minmax_scale(wg, maxq)
+    ratios = torch.linspace(MULTI_LOW, MULTI_HIGH, MULTI_RATIOS, device=wg.device, dtype=wg.dtype)
+    chunk = _chunk_rows(n * MULTI_RATIOS, wg.device) * DIRECT_CHUNK_SCALE
+    outs = [torch.empty(G, device=wg.device, dtype=wg.dtype) for _ in range(4)]
+    for c, start in enumerate(range(0, G, chunk)):
+        part = slice(start, start + chunk)
+        s, z, loss = _run_sweep(_multistart_chunk, wg[part], hg[part], s0[part, None] * ratios, maxq,
+                                MULTI_ZEROS, MULTI_ZERO_STEPS, MULTI_STEPS)
+        i = loss.argmin(1, keepdim=True)
+        s1 = s.gather(1, i)
+        far = (s / s1 - 1).abs() > MULTI_SEP
+        j = torch.where(far, loss, torch.inf).argmin(1, keepdim=True)
+        s2 = torch.where(far.any(1, keepdim=True), s.gather(1, j), 0.85 * s1)
+        for out, x in zip(outs, (s1, z.gather(1, i), loss.gather(1, i), s2), strict=True):
+            out[part] = x.squeeze(1)
+        _trim(c, wg.device)
+    return tuple(outs)
+
+
+def _init_neuqi_multistart(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+    """Local optima from many start scales, then pattern sweeps at the best two.
+
+    The loss over the scale has a few valleys (typically: clip the tails, or cover
+    them), each rough at the scale of one rounding step.  Cheap direct evaluations
+    carry ``MULTI_RATIOS`` starts into their valleys (:func:`_multistart_points`);
+    a pattern sweep (:func:`fitted_patterns`) at the best point of the two best
+    valleys then explores each valley's floor, a third at the best scale so far
+    refines it, and the exact best zero for the final scale ends the search.  Three
+    sorted sweeps in all, where the pattern search needs 14.  Min-max's own point is
+    the starting incumbent, so no group ends worse.
+    """
+    s0 = minmax_scale(wg, maxq)
+    best_s = s0
+    best_z = _init_minmax(wg, maxq, 1.0)[1]
+    best_l = group_loss(wg, hg, best_s, best_z, maxq)
+
+    def take(s: Tensor, z: Tensor, loss: Tensor) -> None:
+        nonlocal best_s, best_z, best_l
+        better = loss < best_l
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+        best_l = torch.where(better, loss, best_l)
+
+    s1, z1, _, s2 = _multistart_points(wg, hg, maxq)
+    take(s1, z1, group_loss(wg, hg, s1, z1, maxq))  # scored as the caller will score it
+    take(*fitted_patterns(wg, hg, s2, maxq))
+    take(*fitted_patterns(wg, hg, best_s, maxq))
+    z, loss = best_zero(wg / best_s[:, None], hg, maxq)
+    take(best_s, z, loss * best_s * best_s)
+    return best_s, best_z
 
 
 def _init_neuqi_patterns(
