@@ -272,6 +272,21 @@ def test_compiled_sweep_matches_eager(monkeypatch):
     assert torch.allclose(ref[1], got[1], rtol=1e-6)
 
 
+def test_compiled_searches_compile_once_whatever_the_number_of_groups(monkeypatch):
+    """A chunk of one group, or a sweep of one window, must not make a compiled kernel
+    specialise and compile again (on SmolLM2 each recompile cost ~1 s)."""
+    pytest.importorskip("torch._inductor")
+    torch.manual_seed(0)
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("NEUQI_COMPILE", "1")
+    init_mod._init_neuqi(torch.randn(6, 64), torch.rand(6, 64), 7)  # compiles
+    graphs = counters["stats"]["unique_graphs"]
+    for groups in (1, 3, 17):
+        init_mod._init_neuqi(torch.randn(groups, 64), torch.rand(groups, 64), 7)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def integer_zero_grid_reference(w, spec, h, grid=2048):
     """The reference NeUQI_int: 2048 scales in (0, s₀] × every integer zero."""
     wg, hg, _ = init_mod.to_groups(w, spec, h)

@@ -116,6 +116,21 @@ def _compiled(fn):
     return _COMPILED[fn.__name__]
 
 
+def _two_rows(x):
+    """``x`` with a single row doubled (other arguments as they are): a compiled
+    kernel specialises on a dimension of size 1 and would compile a second time."""
+    return torch.cat([x, x]) if isinstance(x, Tensor) and x.dim() and x.shape[0] == 1 else x
+
+
+def _run_rows(fn, n_rows: int, *args):
+    """:func:`_run_sweep` on a chunk of ``n_rows`` groups, whose batched arguments are
+    those with ``n_rows`` rows; a chunk of one group runs as two."""
+    if n_rows != 1:
+        return _run_sweep(fn, *args)
+    out = _run_sweep(fn, *(_two_rows(a) for a in args))
+    return tuple(o[:1] for o in out)
+
+
 def _run_sweep(fn, *args):
     compiled = _compiled(fn)
     if compiled is fn:
@@ -174,17 +189,20 @@ def _chunked(
     for size in sizes:
         idx = None if len(sizes) == 1 else torch.nonzero(windows == size, as_tuple=True)[0]
         n_sel = G if idx is None else idx.numel()
-        m = torch.arange(size, device=u.device, dtype=torch.float64)
+        # At least two windows (a wider sweep is as exact): a size-1 dimension would
+        # make the compiled kernel specialise and compile again.
+        m = torch.arange(max(size, min(2, maxq)), device=u.device, dtype=torch.float64)
         chunk = max(1, budget // (n * size))
         for lo in range(0, n_sel, chunk):
             part = slice(lo, lo + chunk) if idx is None else idx[lo : lo + chunk]
+            rows = min(lo + chunk, n_sel) - lo
             if fit:
-                res = _run_sweep(_fit_sweep_chunk, u[part], h[part], maxq, start[part], m)
+                res = _run_rows(_fit_sweep_chunk, rows, u[part], h[part], maxq, start[part], m)
             elif z_range is None:
-                res = _run_sweep(_best_zero_chunk, u[part], h[part], maxq, start[part], m)
+                res = _run_rows(_best_zero_chunk, rows, u[part], h[part], maxq, start[part], m)
             else:
-                res = _run_sweep(_best_zero_in_range_chunk, u[part], h[part], maxq, m,
-                                 z_range[0][part], z_range[1][part])
+                res = _run_rows(_best_zero_in_range_chunk, rows, u[part], h[part], maxq, m,
+                                z_range[0][part], z_range[1][part])
             for out, r in zip(outs, res, strict=True):
                 out[part] = r
             _trim(i, u.device)
@@ -754,8 +772,10 @@ def _multistart_points(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tenso
     outs = [torch.empty(G, device=wg.device, dtype=wg.dtype) for _ in range(4)]
     for c, start in enumerate(range(0, G, chunk)):
         part = slice(start, start + chunk)
-        s, z, loss = _run_sweep(_multistart_chunk, wg[part], hg[part], s0[part, None] * ratios, maxq,
-                                MULTI_ZEROS, MULTI_ZERO_STEPS, MULTI_STEPS)
+        # copies, not views: the compiled kernel would guard on the views' base shapes
+        s, z, loss = _run_rows(_multistart_chunk, min(start + chunk, G) - start, wg[part].clone(),
+                               hg[part].clone(), s0[part, None] * ratios, maxq, MULTI_ZEROS,
+                               MULTI_ZERO_STEPS, MULTI_STEPS)
         i = loss.argmin(1, keepdim=True)
         s1 = s.gather(1, i)
         far = (s / s1 - 1).abs() > MULTI_SEP
