@@ -27,8 +27,11 @@ NeUQI (float zero), each variant adding one change to the one before:
   on every configuration: 33 start scales carried into their valleys by direct
   evaluation and Lloyd steps, then pattern sweeps at the two best valleys and at the
   best scale, then the exact best zero for the final scale.
-- ``default``: the search as it ships: ``multistart`` on 2- to 4-bit groups shorter
-  than 256, ``+windows`` elsewhere.
+- ``banded``: the grid search of ``+windows`` on the scales within two grid steps of
+  the multi-start search's two best valleys only
+  (:func:`neuqi.quant.init._init_neuqi_banded`).
+- ``default``: the search as it ships: at 2 to 4 bits ``multistart`` on groups shorter
+  than 256 and ``banded`` on longer rows; ``+windows`` elsewhere.
 
 NeUQI_int: the exact scale sweep over every scale for every integer zero (``all zeros``,
 the search of 9152b71), for the 3 zeros the coarse grid ranks best (``top-3``, the search
@@ -59,7 +62,7 @@ from neuqi.quant import init as init_mod
 from neuqi.quant.init import dense_scale_search, group_loss, to_groups
 
 NEUQI_VARIANTS = ("before", "+rounding bound", "+upper bounds", "+lloyd", "+UB on long rows", "+windows",
-                  "patterns", "multistart", "default")
+                  "patterns", "multistart", "banded", "default")
 OLD_ROUND_BOUND_MIN_LEN = 256  # 9152b71 used the binned bound on long groups only
 
 
@@ -90,16 +93,19 @@ def variant(name: str):
         "+windows": {},
         "patterns": {},
         "multistart": {},
+        "banded": {},
         "default": {},
     }[name]
     if name == "before":
         init_mod._rounding_bound = long_rows_only
-    if name not in ("+windows", "patterns", "multistart", "default"):
+    if name not in ("+windows", "patterns", "multistart", "banded", "default"):
         init_mod._sweep_windows = whole_bracket
     if name == "patterns":
         init_mod._init_neuqi = init_mod._init_neuqi_patterns
     elif name == "multistart":
         init_mod._init_neuqi = init_mod._init_neuqi_multistart
+    elif name == "banded":
+        init_mod._init_neuqi = init_mod._init_neuqi_banded
     elif name != "default":
         init_mod._init_neuqi = lambda wg, hg, maxq: saved_grid(wg, hg, maxq, **opts)
     try:

@@ -272,6 +272,26 @@ def test_compiled_sweep_matches_eager(monkeypatch):
     assert torch.allclose(ref[1], got[1], rtol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_banded_search_on_long_rows_is_near_the_dense_optimum(bits):
+    """Channel-wise rows take the grid search around the multi-start valleys only;
+    it must stay as near the dense optimum as the grid search over the whole range."""
+    torch.manual_seed(bits)
+    spec = QuantSpec(bits, -1)
+    w = torch.distributions.StudentT(4.0).sample((24, 512)) * 0.02
+    h = torch.rand(512) ** 3 + 1e-3
+    wg, hg, _ = init_mod.to_groups(w, spec, h)
+    opt = init_mod.dense_scale_search(w, spec, h)
+    s0, z0 = init_mod._init_minmax(wg, spec.maxq, 1.0)
+    minmax = init_mod.group_loss(wg, hg, s0, z0, spec.maxq)
+    for search in (None, "banded", "grid"):
+        s, z = init_mod._init_neuqi(wg, hg, spec.maxq, search=search)
+        loss = init_mod.group_loss(wg, hg, s, z, spec.maxq)
+        ratio = loss.double() / opt
+        assert ratio.mean() <= 1.0005 and ratio.max() <= 1.01, (search, ratio.mean(), ratio.max())
+        assert (loss <= minmax * (1 + 1e-6)).all(), search
+
+
 def test_compiled_searches_compile_once_whatever_the_number_of_groups(monkeypatch):
     """A chunk of one group, or a sweep of one window, must not make a compiled kernel
     specialise and compile again (on SmolLM2 each recompile cost ~1 s)."""

@@ -681,9 +681,10 @@ def pattern_ratios(maxq: int) -> tuple[float, ...]:
 # scale) each get a pattern sweep.  On SmolLM2's block 3 (bench/neuqi_search_speed.py)
 # 12 zeros left the worst 2-bit g64 group 1.011 of the dense optimum, 16 left it at
 # 1.0000; 17 ratios or 6 zeros let 3-bit groups end in the wrong one of two valleys
-# of nearly equal depth (worst 1.03–1.18).  Long rows (channel-wise) keep the grid
-# search: there the best scale is a lucky one among many nearly equal, which only a
-# fine exact search finds (mean 1.0009–1.0033 of the dense optimum with this search).
+# of nearly equal depth (worst 1.03–1.18).  Long rows (channel-wise) take the grid
+# search around these points instead (:func:`_init_neuqi_banded`): there the best scale
+# is a lucky one among many nearly equal, which the pattern sweeps miss (mean
+# 1.0009–1.0033 of the dense optimum with them).
 MULTI_RATIOS = 33
 MULTI_LOW, MULTI_HIGH = 0.25, 1.25
 MULTI_ZEROS = 16
@@ -693,7 +694,7 @@ MULTI_SEP = 0.05
 # Where the multi-start search is the default: groups shorter than UB_MIN_LEN, 2-4 bits.
 MULTI_DEFAULT_MAXQ = (3, 7, 15)
 
-NEUQI_SEARCHES = ("multistart", "patterns", "grid")
+NEUQI_SEARCHES = ("multistart", "banded", "patterns", "grid")
 
 
 def _init_neuqi(
@@ -702,13 +703,14 @@ def _init_neuqi(
 ) -> tuple[Tensor, Tensor]:
     """NeUQI's float-zero search: ``(scale, zero)`` per group row of ``wg, hg: [G, n]``.
 
-    ``search`` None (default): :func:`_init_neuqi_multistart` on 2- to 4-bit groups
-    shorter than ``UB_MIN_LEN``, the bounded exact grid search
-    (:func:`_init_neuqi_grid`) elsewhere: on long rows, at other bit widths, and
-    whenever the zero is constrained (``max_clip``, ``zero_limit``), which the fitted
-    grids of the other searches do not respect.  ``"multistart"``, ``"patterns"``
-    (:func:`_init_neuqi_patterns`, the default before the multi-start search) and
-    ``"grid"`` force one search where the zero is free.
+    ``search`` None (default), at 2 to 4 bits: :func:`_init_neuqi_multistart` on groups
+    shorter than ``UB_MIN_LEN``, :func:`_init_neuqi_banded` on longer rows.  The
+    bounded exact grid search over the whole range (:func:`_init_neuqi_grid`) at other
+    bit widths, and whenever the zero is constrained (``max_clip``, ``zero_limit``),
+    which the fitted grids of the other searches do not respect.  ``"multistart"``,
+    ``"banded"``, ``"patterns"`` (:func:`_init_neuqi_patterns`, the default on short
+    groups before the multi-start search) and ``"grid"`` (the default on long rows
+    before the banded search) force one search where the zero is free.
     """
     if search is not None and search not in NEUQI_SEARCHES:
         raise ValueError(f"search must be one of {NEUQI_SEARCHES}, got {search!r}")
@@ -716,9 +718,27 @@ def _init_neuqi(
         return _init_neuqi_grid(wg, hg, maxq, max_clip=max_clip, zero_limit=zero_limit)
     if search == "patterns":
         return _init_neuqi_patterns(wg, hg, maxq)
-    if search == "multistart" or (maxq in MULTI_DEFAULT_MAXQ and wg.shape[1] < UB_MIN_LEN):
+    if search is None and maxq not in MULTI_DEFAULT_MAXQ:
+        return _init_neuqi_grid(wg, hg, maxq)
+    if search == "multistart" or (search is None and wg.shape[1] < UB_MIN_LEN):
         return _init_neuqi_multistart(wg, hg, maxq)
-    return _init_neuqi_grid(wg, hg, maxq)
+    return _init_neuqi_banded(wg, hg, maxq)
+
+
+def _init_neuqi_banded(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+    """The grid search (:func:`_init_neuqi_grid`) on the two valleys the multi-start
+    points find (:func:`_multistart_points`), not on the whole range of scales.
+
+    On long rows the best scale is a lucky one among many nearly equal (each weight's
+    rounding error changes with the scale), which the pattern sweeps miss but the
+    exact zero sweep at each scale of a fine grid, refined by least-squares steps,
+    finds.  The multi-start points locate the valleys for a fifth of one sweep's cost
+    per start, so only ``2·band + 1`` grid scales around each of the two are swept
+    (pruned by the grid search's bounds), against 80 over the whole range.  The best
+    point is the incumbent, after min-max's.
+    """
+    s1, z1, _, s2 = _multistart_points(wg, hg, maxq)
+    return _init_neuqi_grid(wg, hg, maxq, centres=(s1, s2), incumbent=(s1, z1))
 
 
 def _multistart_chunk(
@@ -879,6 +899,9 @@ def _init_neuqi_grid(
     max_clip: float | None = None,
     upper_bound: bool | None = None,
     zero_limit: float | None = None,
+    centres: tuple[Tensor, ...] | None = None,
+    incumbent: tuple[Tensor, Tensor] | None = None,
+    band: int = 2,
 ) -> tuple[Tensor, Tensor]:
     """Coarse scale grid (multiples of s₀) with the exact best float zero per scale,
     then refinement around the best.
@@ -902,6 +925,10 @@ def _init_neuqi_grid(
       optimum at 4-bit channel-wise (mean ratio 1.00011 vs 1.00021), equal elsewhere,
       and the whole search 1.2-1.8x slower with it (bench/neuqi_search_speed.py).
     - ``"grid"``: the reference's fine stage (``±(fine/coarse)/2`` steps of ``s₀/fine``).
+
+    ``centres`` (``[G]`` scales each) replaces the coarse grid by the candidates within
+    ``band`` steps of ``s₀/coarse`` of each centre (:func:`_init_neuqi_banded`), and
+    ``incumbent`` (``(scale, zero)``) is a point the result must beat.
 
     ``max_clip`` (steps) keeps every weight within that many steps beyond the grid's
     ends: the zero is confined to ``[−c − min/s, maxq + c − max/s]`` and scales
@@ -932,7 +959,7 @@ def _init_neuqi_grid(
         return _limit_zero(z_lo, z_hi, maxq, zero_limit)
 
     best_s = s0.clone()
-    if upper_bound:  # min-max's own point: the result is never worse than min-max
+    if upper_bound or centres is not None:  # min-max's point: never worse than min-max
         best_z = _init_minmax(wg, maxq, 1.0)[1]
         if max_clip is not None or zero_limit is not None:
             best_z = torch.clamp(best_z, *zero_range(None, s0))
@@ -983,12 +1010,20 @@ def _init_neuqi_grid(
         n = max(4, round(coarse * (max_ratio - min_ratio)))
         ratios = [min_ratio] + [min_ratio + (max_ratio - min_ratio) * i / n
                                 for i in _coarse_order(n, skip=-1)]
-    if upper_bound:
-        r = torch.tensor(ratios, dtype=wg.dtype, device=wg.device)
-        ub_s, ub_z, ub_l = upper_bounds(wg, hg, s0, r, maxq, max_clip, zero_limit=zero_limit)
-        accept(torch.arange(wg.shape[0], device=wg.device), ub_s, ub_z, ub_l)
-    for ratio in ratios:
-        consider(s0 * ratio)
+    if incumbent is not None:
+        accept(torch.arange(wg.shape[0], device=wg.device), *incumbent, group_loss(wg, hg, *incumbent, maxq))
+    if centres is not None:  # only the candidates within ``band`` grid steps of each centre
+        for k in sorted(range(-band, band + 1), key=abs):
+            for c in centres:
+                s = c + s0 * (k / coarse)
+                consider(torch.where(s > 0, s, c))
+    else:
+        if upper_bound:
+            r = torch.tensor(ratios, dtype=wg.dtype, device=wg.device)
+            ub_s, ub_z, ub_l = upper_bounds(wg, hg, s0, r, maxq, max_clip, zero_limit=zero_limit)
+            accept(torch.arange(wg.shape[0], device=wg.device), ub_s, ub_z, ub_l)
+        for ratio in ratios:
+            consider(s0 * ratio)
     if rounds is None:
         rounds = CLIP_REFINE_ROUNDS if max_clip is not None else 3
     if refine == "grid":
