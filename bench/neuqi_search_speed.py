@@ -30,8 +30,8 @@ NeUQI (float zero), each variant adding one change to the one before:
 - ``banded``: the grid search of ``+windows`` on the scales within two grid steps of
   the multi-start search's two best valleys only
   (:func:`neuqi.quant.init._init_neuqi_banded`).
-- ``default``: the search as it ships: at 2 to 4 bits ``multistart`` on groups shorter
-  than 256 and ``banded`` on longer rows; ``+windows`` elsewhere.
+- ``default``: the search as it ships: ``multistart`` on 2- to 4-bit groups shorter
+  than 256, ``+windows`` elsewhere.
 
 NeUQI_int: the exact scale sweep over every scale for every integer zero (``all zeros``,
 the search of 9152b71), for the 3 zeros the coarse grid ranks best (``top-3``, the search
