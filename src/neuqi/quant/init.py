@@ -824,25 +824,34 @@ def _init_neuqi_multistart(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, T
     sorted sweeps in all, where the pattern search needs 14.  Min-max's own point is
     the starting incumbent, so no group ends worse.
     """
-    s0 = minmax_scale(wg, maxq)
-    best_s = s0
-    best_z = _init_minmax(wg, maxq, 1.0)[1]
-    best_l = group_loss(wg, hg, best_s, best_z, maxq)
-
-    def take(s: Tensor, z: Tensor, loss: Tensor) -> None:
-        nonlocal best_s, best_z, best_l
-        better = loss < best_l
-        best_s = torch.where(better, s, best_s)
-        best_z = torch.where(better, z, best_z)
-        best_l = torch.where(better, loss, best_l)
-
+    best = _Best.minmax(wg, hg, maxq)
     s1, z1, _, s2 = _multistart_points(wg, hg, maxq)
-    take(s1, z1, group_loss(wg, hg, s1, z1, maxq))  # scored as the caller will score it
-    take(*fitted_patterns(wg, hg, s2, maxq))
-    take(*fitted_patterns(wg, hg, best_s, maxq))
-    z, loss = best_zero(wg / best_s[:, None], hg, maxq)
-    take(best_s, z, loss * best_s * best_s)
-    return best_s, best_z
+    best.take(s1, z1, group_loss(wg, hg, s1, z1, maxq))  # scored as the caller will score it
+    best.take(*fitted_patterns(wg, hg, s2, maxq))
+    best.take(*fitted_patterns(wg, hg, best.s, maxq))
+    z, loss = best_zero(wg / best.s[:, None], hg, maxq)
+    best.take(best.s, z, loss * best.s * best.s)
+    return best.s, best.z
+
+
+class _Best:
+    """The best ``(scale, zero, loss)`` per group so far; :meth:`take` keeps the
+    better of it and a new point, group by group (each ``[G]``)."""
+
+    def __init__(self, s: Tensor, z: Tensor, loss: Tensor) -> None:
+        self.s, self.z, self.loss = s, z, loss
+
+    @classmethod
+    def minmax(cls, wg: Tensor, hg: Tensor, maxq: int) -> _Best:
+        """Min-max's own point, so that no group ends worse than min-max."""
+        s, z = minmax_scale(wg, maxq), _init_minmax(wg, maxq, 1.0)[1]
+        return cls(s, z, group_loss(wg, hg, s, z, maxq))
+
+    def take(self, s: Tensor, z: Tensor, loss: Tensor) -> None:
+        better = loss < self.loss
+        self.s = torch.where(better, s, self.s)
+        self.z = torch.where(better, z, self.z)
+        self.loss = torch.where(better, loss, self.loss)
 
 
 def _init_neuqi_patterns(
@@ -872,24 +881,14 @@ def _init_neuqi_patterns(
     inner_ks = PATTERN_INNER.get(maxq, PATTERN_INNER[7])
     starts += [torch.where(inner > 1e-9, inner, s0) for k in inner_ks if 2 * k + 1 < n
                for inner in [(ws[:, n - 1 - k] - ws[:, k]) / maxq]]
-    best_s = s0
-    best_z = _init_minmax(wg, maxq, 1.0)[1]
-    best_l = group_loss(wg, hg, best_s, best_z, maxq)
-
-    def take(s: Tensor, z: Tensor, loss: Tensor) -> None:
-        nonlocal best_s, best_z, best_l
-        better = loss < best_l
-        best_s = torch.where(better, s, best_s)
-        best_z = torch.where(better, z, best_z)
-        best_l = torch.where(better, loss, best_l)
-
+    best = _Best.minmax(wg, hg, maxq)
     for s in starts:
-        take(*fitted_patterns(wg, hg, s, maxq))
+        best.take(*fitted_patterns(wg, hg, s, maxq))
     for _ in range(rounds):
-        take(*fitted_patterns(wg, hg, best_s, maxq))
-    z, loss = best_zero(wg / best_s[:, None], hg, maxq)
-    take(best_s, z, loss * best_s * best_s)
-    return best_s, best_z
+        best.take(*fitted_patterns(wg, hg, best.s, maxq))
+    z, loss = best_zero(wg / best.s[:, None], hg, maxq)
+    best.take(best.s, z, loss * best.s * best.s)
+    return best.s, best.z
 
 
 def _init_neuqi_grid(
