@@ -743,7 +743,7 @@ def _init_neuqi_banded(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tenso
     against 26.58 at 4: one run each, so it stays opt-in until the run-to-run spread
     there is measured.
     """
-    s1, z1, _, s2 = _multistart_points(wg, hg, maxq)
+    s1, z1, s2 = _multistart_points(wg, hg, maxq)
     return _init_neuqi_grid(wg, hg, maxq, centres=(s1, s2), incumbent=(s1, z1))
 
 
@@ -766,8 +766,8 @@ def _multistart_chunk(
     h_sum = hg.sum(1, keepdim=True)
     w_bar = (hg * wg).sum(1, keepdim=True) / h_sum
     best_s, best_z, best_l = s, z, loss
+    q = torch.clamp(torch.round(w3 * (1.0 / s)[:, :, None] + z[:, :, None]), 0, maxq)
     for _ in range(steps):
-        q = torch.clamp(torch.round(w3 * (1.0 / s)[:, :, None] + z[:, :, None]), 0, maxq)
         q_bar = (h3 * q).sum(-1) / h_sum
         dq = q - q_bar[:, :, None]
         var = (h3 * dq * dq).sum(-1)
@@ -775,7 +775,7 @@ def _multistart_chunk(
         ok = (var > 1e-12 * h_sum) & (a > 0) & torch.isfinite(a)
         s = torch.where(ok, a, s)
         z = torch.where(ok, q_bar - w_bar / torch.where(ok, a, 1.0), z)
-        q = torch.clamp(torch.round(w3 * (1.0 / s)[:, :, None] + z[:, :, None]), 0, maxq)
+        q = torch.clamp(torch.round(w3 * (1.0 / s)[:, :, None] + z[:, :, None]), 0, maxq)  # the new codes
         e = w3 - s[:, :, None] * (q - z[:, :, None])
         loss = (h3 * e * e).sum(-1)
         better = loss < best_l
@@ -785,17 +785,17 @@ def _multistart_chunk(
     return best_s, best_z, best_l
 
 
-def _multistart_points(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _multistart_points(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_multistart_chunk` from ``MULTI_RATIOS`` start scales, over chunks of groups.
 
-    Returns ``(s1, z1, l1, s2)``, each ``[G]``: the best point reached, and the scale
-    of the best one at least ``MULTI_SEP`` away from ``s1`` (a second valley; ``0.85·s1``
+    Returns ``(s1, z1, s2)``, each ``[G]``: the best point reached, and the scale of the
+    best one at least ``MULTI_SEP`` away from ``s1`` (a second valley; ``0.85·s1``
     where every start ended near ``s1``)."""
     G, n = wg.shape
     s0 = minmax_scale(wg, maxq)
     ratios = torch.linspace(MULTI_LOW, MULTI_HIGH, MULTI_RATIOS, device=wg.device, dtype=wg.dtype)
     chunk = _chunk_rows(n * MULTI_RATIOS, wg.device) * DIRECT_CHUNK_SCALE
-    outs = [torch.empty(G, device=wg.device, dtype=wg.dtype) for _ in range(4)]
+    outs = [torch.empty(G, device=wg.device, dtype=wg.dtype) for _ in range(3)]
     for c, start in enumerate(range(0, G, chunk)):
         part = slice(start, start + chunk)
         # copies, not views: the compiled kernel would guard on the views' base shapes
@@ -807,7 +807,7 @@ def _multistart_points(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tenso
         far = (s / s1 - 1).abs() > MULTI_SEP
         j = torch.where(far, loss, torch.inf).argmin(1, keepdim=True)
         s2 = torch.where(far.any(1, keepdim=True), s.gather(1, j), 0.85 * s1)
-        for out, x in zip(outs, (s1, z.gather(1, i), loss.gather(1, i), s2), strict=True):
+        for out, x in zip(outs, (s1, z.gather(1, i), s2), strict=True):
             out[part] = x.squeeze(1)
         _trim(c, wg.device)
     return tuple(outs)
@@ -826,7 +826,7 @@ def _init_neuqi_multistart(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, T
     the starting incumbent, so no group ends worse.
     """
     best = _Best.minmax(wg, hg, maxq)
-    s1, z1, _, s2 = _multistart_points(wg, hg, maxq)
+    s1, z1, s2 = _multistart_points(wg, hg, maxq)
     best.take(s1, z1, group_loss(wg, hg, s1, z1, maxq))  # scored as the caller will score it
     best.take(*fitted_patterns(wg, hg, s2, maxq))
     best.take(*fitted_patterns(wg, hg, best.s, maxq))
