@@ -292,18 +292,21 @@ def test_banded_search_on_long_rows_is_near_the_dense_optimum(bits):
         assert (loss <= minmax * (1 + 1e-6)).all(), search
 
 
-def test_compiled_searches_compile_once_whatever_the_number_of_groups(monkeypatch):
+@pytest.mark.parametrize("init,n", [("neuqi", 64), ("neuqi", 320), ("neuqi_int", 64), ("neuqi_int", 320)])
+def test_compiled_searches_compile_once_whatever_the_number_of_groups(monkeypatch, init, n):
     """A chunk of one group, or a sweep of one window, must not make a compiled kernel
-    specialise and compile again (on SmolLM2 each recompile cost ~1 s)."""
+    specialise and compile again (on SmolLM2 each recompile cost ~1 s); short groups
+    and long rows take different searches, so both are checked, for both zero kinds."""
     pytest.importorskip("torch._inductor")
     torch.manual_seed(0)
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("NEUQI_COMPILE", "1")
-    init_mod._init_neuqi(torch.randn(6, 64), torch.rand(6, 64), 7)  # compiles
+    search = init_mod._init_neuqi if init == "neuqi" else init_mod._init_neuqi_int
+    search(torch.randn(6, n), torch.rand(6, n), 7)  # compiles
     graphs = counters["stats"]["unique_graphs"]
     for groups in (1, 3, 17):
-        init_mod._init_neuqi(torch.randn(groups, 64), torch.rand(groups, 64), 7)
+        search(torch.randn(groups, n), torch.rand(groups, n), 7)
     assert counters["stats"]["unique_graphs"] == graphs
 
 

@@ -116,31 +116,36 @@ def _compiled(fn):
     return _COMPILED[fn.__name__]
 
 
-def _two_rows(x):
-    """``x`` with a single row doubled (other arguments as they are): a compiled
-    kernel specialises on a dimension of size 1 and would compile a second time."""
-    return torch.cat([x, x]) if isinstance(x, Tensor) and x.dim() and x.shape[0] == 1 else x
-
-
-def _run_rows(fn, n_rows: int, *args):
-    """:func:`_run_sweep` on a chunk of ``n_rows`` groups, whose batched arguments are
-    those with ``n_rows`` rows; a chunk of one group runs as two."""
-    if n_rows != 1:
-        return _run_sweep(fn, *args)
-    out = _run_sweep(fn, *(_two_rows(a) for a in args))
-    return tuple(o[:1] for o in out)
+def _own_rows(x: Tensor, double: bool) -> Tensor:
+    """``x`` as a tensor of its own (not a view), its one row twice if ``double``."""
+    if double and x.dim() and x.shape[0] == 1:
+        return torch.cat([x, x])
+    return x.clone() if x._base is not None else x
 
 
 def _run_sweep(fn, *args):
+    """``fn(*args)``, compiled (:func:`_compiled`) unless compilation is off or fails.
+
+    The compiled kernel specialises, and would compile again, on a dimension of size 1
+    and on how a view relates to its base (a layer's last, shorter chunk).  So it gets
+    no views (they are copied: one pass over a chunk the kernel walks many times), and
+    a chunk of one group runs as two, the results cut back.  The first argument is the
+    chunk of groups; when it has one row, so has every other batched argument, and no
+    shared one does (bits ≥ 2)."""
     compiled = _compiled(fn)
     if compiled is fn:
         return fn(*args)
+    single = isinstance(args[0], Tensor) and args[0].shape[0] == 1
+    args = tuple(_own_rows(a, single) if isinstance(a, Tensor) else a for a in args)
     try:
-        return compiled(*args)
+        out = compiled(*args)
     except Exception as exc:  # pragma: no cover - depends on the toolchain
         log.warning("compiled sweep failed (%s); falling back to eager", exc)
         _COMPILED[fn.__name__] = fn
-        return fn(*args)
+        out = fn(*args)
+    if not single:
+        return out
+    return out[:1] if isinstance(out, Tensor) else tuple(o[:1] for o in out)
 
 
 def _sweep_windows(u: Tensor, h: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
@@ -195,14 +200,13 @@ def _chunked(
         chunk = max(1, budget // (n * size))
         for lo in range(0, n_sel, chunk):
             part = slice(lo, lo + chunk) if idx is None else idx[lo : lo + chunk]
-            rows = min(lo + chunk, n_sel) - lo
             if fit:
-                res = _run_rows(_fit_sweep_chunk, rows, u[part], h[part], maxq, start[part], m)
+                res = _run_sweep(_fit_sweep_chunk, u[part], h[part], maxq, start[part], m)
             elif z_range is None:
-                res = _run_rows(_best_zero_chunk, rows, u[part], h[part], maxq, start[part], m)
+                res = _run_sweep(_best_zero_chunk, u[part], h[part], maxq, start[part], m)
             else:
-                res = _run_rows(_best_zero_in_range_chunk, rows, u[part], h[part], maxq, m,
-                                z_range[0][part], z_range[1][part])
+                res = _run_sweep(_best_zero_in_range_chunk, u[part], h[part], maxq, m,
+                                 z_range[0][part], z_range[1][part])
             for out, r in zip(outs, res, strict=True):
                 out[part] = r
             _trim(i, u.device)
@@ -798,10 +802,8 @@ def _multistart_points(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tenso
     outs = [torch.empty(G, device=wg.device, dtype=wg.dtype) for _ in range(3)]
     for c, start in enumerate(range(0, G, chunk)):
         part = slice(start, start + chunk)
-        # copies, not views: the compiled kernel would guard on the views' base shapes
-        s, z, loss = _run_rows(_multistart_chunk, min(start + chunk, G) - start, wg[part].clone(),
-                               hg[part].clone(), s0[part, None] * ratios, maxq, MULTI_ZEROS,
-                               MULTI_ZERO_STEPS, MULTI_STEPS)
+        s, z, loss = _run_sweep(_multistart_chunk, wg[part], hg[part], s0[part, None] * ratios, maxq,
+                                MULTI_ZEROS, MULTI_ZERO_STEPS, MULTI_STEPS)
         i = loss.argmin(1, keepdim=True)
         s1 = s.gather(1, i)
         far = (s / s1 - 1).abs() > MULTI_SEP
