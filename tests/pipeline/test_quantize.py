@@ -175,7 +175,8 @@ def test_run_names_carry_every_setting_that_changes_the_result(calib_file, tmp_p
              "alpha": name(magr=True, magr_alpha=1e-3), "magr": name(magr=True),
              "bf16": name(dtype="bfloat16"), "refit": name(refit=2),
              "select": name(init="neuqi_int", select="mse,minmax,mse"),
-             "int": name(init="neuqi_int"), "hpow": name(h_power=0.5)}
+             "int": name(init="neuqi_int"), "hpow": name(h_power=0.5),
+             "search": name(search="banded")}
     other = tmp_path / "other" / calib_file.name  # same file name, other text
     other.parent.mkdir()
     other.write_text("different calibration text " * 50)
@@ -184,7 +185,7 @@ def test_run_names_carry_every_setting_that_changes_the_result(calib_file, tmp_p
     assert names["damp"].endswith(".damp0.1") and names["seed"].endswith(".seed3")
     assert names["bf16"].endswith(".bf16") and ".magr0.001" in names["alpha"]
     assert names["refit"].endswith(".refit2") and names["select"].endswith(".sel-mse-minmax")
-    assert names["hpow"].endswith(".hpow0.5")
+    assert names["hpow"].endswith(".hpow0.5") and names["search"].endswith(".search-banded")
     # what the run records says the same as its name
     typed = tiny_config(tmp_path / "m", calib_file, tmp_path / "runs", init="neuqi_int",
                         select="mse, minmax,mse")
@@ -202,6 +203,11 @@ def test_run_names_carry_every_setting_that_changes_the_result(calib_file, tmp_p
     ({"gguf": "Q4_1", "init": "neuqi", "max_clip": 1.0}, "--max-clip is not available with GGUF"),
     ({"gguf": "Q4_K_M", "init": "neuqi", "init_norm": 3.0}, "--init-norm is not available with GGUF"),
     ({"method": "sgd"}, "unknown --method"),
+    ({"search": "banded", "init": "neuqi_int"}, "--search: .* applies to init 'neuqi'"),
+    ({"search": "banded", "init_norm": 3.0}, "--search: .* squared error"),
+    ({"search": "fast"}, "--search: search must be one of"),
+    ({"search": "banded", "max_clip": 1.0}, "--search: a clip bound takes the grid search"),
+    ({"gguf": "Q4_1", "search": "grid"}, "--search is not available with GGUF"),
 ])
 def test_bad_refit_and_select_options_are_refused(calib_file, tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):

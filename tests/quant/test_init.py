@@ -463,3 +463,21 @@ def test_windowed_sweep_equals_the_whole_bracket(maxq):
     _, windows = init_mod._sweep_windows(u[:3000], h[:3000], maxq)
     near = (ratio[:3000] > 0.9) & (ratio[:3000] < 1.1)
     assert windows[near].max() <= min(maxq, 2 + math.ceil(maxq * (1 / 0.9 - 1)) + 1)
+
+
+def test_init_params_runs_the_search_it_is_asked_for():
+    """``search`` reaches the float-zero search (the CLI's ``--search``)."""
+    torch.manual_seed(5)
+    spec = QuantSpec(3, 64)
+    w = torch.distributions.StudentT(4.0).sample((16, 128)) * 0.02
+    h = torch.rand(128) ** 2 + 0.01
+    wg, hg, _ = init_mod.to_groups(w, spec, h)
+    got = {}
+    for search in init_mod.NEUQI_SEARCHES:
+        p = init_params(w, spec, "neuqi", h, search=search)
+        s, z = init_mod._init_neuqi(wg, hg, spec.maxq, search=search)
+        assert torch.equal(p.scale.flatten(), s) and torch.equal(p.zero.flatten(), z), search
+        got[search] = s
+    assert not torch.equal(got["multistart"], got["grid"])  # so the check above can fail
+    with pytest.raises(ValueError, match="applies to init 'neuqi'"):
+        init_params(w, spec, "neuqi_int", h, search="grid")

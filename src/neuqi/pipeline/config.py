@@ -52,7 +52,8 @@ def option(default, help: str, *flags: str):
 
 # gptq_quantize's argument -> the flag a CLI user knows it by (for its error messages)
 CLI_NAMES = {"init": "--init", "algorithm": "--method", "also_inits": "--select", "refit": "--refit",
-             "h_power": "--h-power", "init_norm": "--init-norm", "max_clip": "--max-clip"}
+             "h_power": "--h-power", "init_norm": "--init-norm", "max_clip": "--max-clip",
+             "search": "--search"}
 
 
 @dataclass
@@ -79,6 +80,10 @@ class QuantConfig:
     init_norm: float = option(
         2.0, "neuqi, neuqi_int: the init minimises Σ diag(H)·|w − ŵ|^NORM (2: the paper's squared error; "
              "3 weighs the large, clipped errors that LDLQ's feedback cannot make up)")
+    search: str = option(
+        "auto", "NeUQI's scale search (--init neuqi): auto (multi-start on groups shorter than 256, "
+                "the exact grid on longer rows) | multistart | banded (the grid around the "
+                "multi-start valleys: faster channel-wise) | patterns | grid")
     act_order: bool = option(True, "process columns in decreasing diag(H) order")
     damp: float = option(DEFAULT_DAMP, "Hessian damping, as a fraction of its mean diagonal")
     gguf: str | None = option(
@@ -124,7 +129,8 @@ class QuantConfig:
             raise ValueError(f"--select {bad}: choose from {INIT_METHODS}")
         check_solver_options(init=self.init, algorithm=self.method, gguf=self.gguf is not None,
                              also_inits=self.also_inits, refit=self.refit, h_power=self.h_power,
-                             init_norm=self.init_norm, max_clip=self.max_clip, names=CLI_NAMES)
+                             init_norm=self.init_norm, max_clip=self.max_clip,
+                             search=self.neuqi_search, names=CLI_NAMES)
         self.select = ",".join(self.also_inits)  # as the run name says it: no repeats, no main init
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("--nsamples, --seqlen and --batch-size must be positive")
@@ -144,6 +150,11 @@ class QuantConfig:
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size)
+
+    @property
+    def neuqi_search(self) -> str | None:
+        """``--search`` as the solver takes it (None: by row length)."""
+        return None if self.search == "auto" else self.search
 
     @property
     def also_inits(self) -> tuple[str, ...]:
@@ -234,6 +245,8 @@ class QuantConfig:
             parts.append(f"norm{self.init_norm:g}")
         if self.h_power != 1.0:
             parts.append(f"hpow{self.h_power:g}")
+        if self.search != "auto":
+            parts.append(f"search-{self.search}")
         if self.magr:
             parts.append("magr" if self.magr_alpha is None else f"magr{self.magr_alpha:g}")
         # Settings that change the result, named only when not the default so that

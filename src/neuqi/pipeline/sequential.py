@@ -216,6 +216,7 @@ def quantize_weight(
         refit=opts.refit,
         h_power=opts.h_power,
         init_norm=opts.init_norm,
+        search=opts.neuqi_search,
     )
     w_hat = dequantize(res.codes, res.params, spec)
     weight.copy_(w_hat.to(weight.dtype))

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from neuqi.quant.gguf_types import GGUFType, gguf_params
 from neuqi.quant.grid import QuantParams, QuantSpec, check_finite, check_weight, dequantize
-from neuqi.quant.init import InitMethod, check_init_norm, init_params
+from neuqi.quant.init import InitMethod, check_init_norm, check_search, init_params
 from neuqi.quant.magr import magr_preprocess
 from neuqi.quant.refit import refit_params, row_losses
 
@@ -158,12 +158,14 @@ def check_hessian(H: Tensor, n_in: int) -> None:
 
 def check_solver_options(
     *, init: str, algorithm: str, gguf: bool, also_inits: tuple[str, ...] | list[str], refit: int,
-    h_power: float, init_norm: float, max_clip: float | None, names: dict[str, str] | None = None,
+    h_power: float, init_norm: float, max_clip: float | None, search: str | None = None,
+    names: dict[str, str] | None = None,
 ) -> None:
     """Refuse option combinations :func:`gptq_quantize` cannot honour (one source of
     truth for the API and the CLI). ``names`` words the options as the caller's user
     knows them (e.g. ``{"also_inits": "--select"}``); by default the arguments' names."""
-    n = {k: k for k in ("init", "algorithm", "also_inits", "refit", "h_power", "init_norm", "max_clip")}
+    n = {k: k for k in ("init", "algorithm", "also_inits", "refit", "h_power", "init_norm", "max_clip",
+                        "search")}
     n |= names or {}
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown {n['algorithm']} {algorithm!r}; choose one of {ALGORITHMS}")
@@ -180,6 +182,10 @@ def check_solver_options(
         raise ValueError(f"{n['init_norm']}: {why}")
     if gguf and init_norm != 2.0:
         raise ValueError(f"{n['init_norm']} is not available with GGUF types")
+    if search is not None and gguf:
+        raise ValueError(f"{n['search']} is not available with GGUF types")
+    if (why := check_search(search, init, init_norm, max_clip)) is not None:
+        raise ValueError(f"{n['search']}: {why}")
     if mixed := [m for m in also_inits if (m == "neuqi") != (init == "neuqi")]:
         raise ValueError(f"{n['also_inits']} {mixed} would mix float and integer zero-points with "
                          f"{n['init']} {init!r}; candidates must share the init's kind of zero")
@@ -207,6 +213,7 @@ def gptq_quantize(
     refit_tol: float = 1e-3,
     h_power: float = 1.0,
     init_norm: float = 2.0,
+    search: str | None = None,
 ) -> GPTQResult:
     """Quantize ``w: [out, in]`` against the second-moment matrix ``H: [in, in]``.
 
@@ -225,7 +232,8 @@ def gptq_quantize(
     on SmolLM2 at 2-bit g64 it did not (docs/results/param-choice-smollm2-135m.md).
     ``init_norm`` makes the init (``neuqi``, ``neuqi_int``) minimise ``|w − ŵ|^p``
     instead of the square: with 3 the clipped errors that the solver cannot make up
-    weigh more, which won end to end at 2 bits (same page).
+    weigh more, which won end to end at 2 bits (same page).  ``search`` forces one of
+    NeUQI's scale searches (``init="neuqi"``; None: chosen by row length).
 
     Beyond the paper (both measured against the proxy loss the solver leaves, row by
     row, on the undamped H — the layer's output error; the damping only steadies the
@@ -247,7 +255,8 @@ def gptq_quantize(
             raise ValueError(f"{gguf.name} quantizes {gguf.bits}-bit blocks of {gguf.block}, "
                              f"not {spec.bits}-bit groups of {spec.group_size}")
     check_solver_options(init=init, algorithm=algorithm, gguf=gguf is not None, also_inits=also_inits,
-                         refit=refit, h_power=h_power, init_norm=init_norm, max_clip=max_clip)
+                         refit=refit, h_power=h_power, init_norm=init_norm, max_clip=max_clip,
+                         search=search)
     t0 = time.perf_counter()
     device = w.device
     W = w.float().clone()
@@ -268,7 +277,8 @@ def gptq_quantize(
     if gguf is not None:
         params = gguf_params(W, gguf, init, h_diag)
     else:
-        params = init_params(W, spec, init, h_diag, clip=clip, max_clip=max_clip, norm=init_norm)
+        params = init_params(W, spec, init, h_diag, clip=clip, max_clip=max_clip, norm=init_norm,
+                             search=search)
     if param_dtype is not None and gguf is None:
         params = round_params(params, param_dtype)
     t_init = time.perf_counter()

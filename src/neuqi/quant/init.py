@@ -1365,6 +1365,20 @@ LP_IRLS_ROUNDS = 1
 LP_IRLS_FLOOR = 0.1
 
 
+def check_search(search: str | None, init: str, norm: float, max_clip: float | None) -> str | None:
+    """Why ``search`` cannot apply (None when it can): it picks among the float-zero
+    searches of the squared error, and a clip bound needs the grid search."""
+    if search is None:
+        return None
+    if search not in NEUQI_SEARCHES:
+        return f"search must be one of {NEUQI_SEARCHES}, got {search!r}"
+    if init != "neuqi" or norm != 2.0:
+        return f"search {search!r} applies to init 'neuqi' with the squared error (norm 2)"
+    if max_clip is not None and search != "grid":
+        return "a clip bound takes the grid search"
+    return None
+
+
 def check_init_norm(norm: float, init: str) -> str | None:
     """Why ``norm`` cannot go with ``init`` (None when it can): the L_p objective is
     NeUQI's or NeUQI_int's search with another exponent."""
@@ -1489,6 +1503,7 @@ def init_params(
     grid: int | None = None,
     max_clip: float | None = None,
     norm: float = 2.0,
+    search: str | None = None,
 ) -> QuantParams:
     """Scale and zero-point per (row, group) of ``w: [out, in]``.
 
@@ -1497,7 +1512,8 @@ def init_params(
     of shrink steps of ``mse``.  ``max_clip`` (NeUQI only) bounds how many steps
     beyond the grid's ends any weight may lie (None: no bound, the paper's method).
     ``norm`` (``neuqi``, ``neuqi_int``) replaces the squared error by ``|w − ŵ|^norm``
-    (:func:`_init_float_lp`, :func:`_init_int_lp`).
+    (:func:`_init_float_lp`, :func:`_init_int_lp`).  ``search`` (``neuqi`` with the
+    squared error, no ``max_clip``) forces one of ``NEUQI_SEARCHES`` (None: by row length).
     Returns ``QuantParams(scale, zero)`` with shapes ``[out, n_groups]``.
     """
     check_weight(w)
@@ -1514,6 +1530,8 @@ def init_params(
                          f"with init {method!r}")
     if (why := check_init_norm(norm, method)) is not None:
         raise ValueError(why)
+    if (why := check_search(search, method, norm, max_clip)) is not None:
+        raise ValueError(why)
     out = w.shape[0]
     wg, hg, n_groups = to_groups(w, spec, h_diag)
     maxq = spec.maxq
@@ -1525,7 +1543,7 @@ def init_params(
         if norm != 2.0:
             scale, zero = _init_float_lp(wg, hg, maxq, norm, max_clip=max_clip)
         else:
-            scale, zero = _init_neuqi(wg, hg, maxq, max_clip=max_clip)
+            scale, zero = _init_neuqi(wg, hg, maxq, search=search, max_clip=max_clip)
         far = torch.nonzero((zero < -FLOAT_ZERO_LIMIT) | (zero > maxq + FLOAT_ZERO_LIMIT),
                             as_tuple=True)[0]
         if far.numel():  # rare: near-constant groups far from 0; search them again bounded
