@@ -3,7 +3,12 @@ against min-max LDLQ on the same model and calibration, and their perplexity.
 
     python bench/quantize_speed.py [--model smollm2-135m] [--configs 3:64,2:64,3:-1,4:-1]
         [--inits minmax,neuqi,neuqi_int] [--nsamples 16] [--seqlen 512]
-        [--before SRC] [--eval-windows 4]
+        [--before SRC] [--eval-windows 4] [--seeds 0,1,2]
+
+An init may carry more ``neuqi quantize`` flags after ``+``: ``neuqi+search=banded``
+runs ``--init neuqi --search banded``.  ``--seeds`` repeats every run with other
+calibration windows (``--seed``): the spread of their perplexities is the run-to-run
+noise against which a change of parameters is judged.
 
 Every run is its own ``neuqi quantize`` process, one after the other (two torch
 processes on 2 cores slow each other several-fold).  ``quantize_seconds`` is the
@@ -40,14 +45,24 @@ def git_commit(src: Path) -> str:
         return "unknown"
 
 
-def run_one(model: Path, bits: int, group: int, init: str, args, src: Path | None) -> dict:
+def init_flags(init: str) -> list[str]:
+    """``neuqi+search=banded`` -> ``--init neuqi --search banded``."""
+    name, *extra = init.split("+")
+    flags = ["--init", name]
+    for kv in extra:
+        key, _, value = kv.partition("=")
+        flags += [f"--{key.replace('_', '-')}"] + ([value] if value else [])
+    return flags
+
+
+def run_one(model: Path, bits: int, group: int, init: str, args, src: Path | None, seed: int = 0) -> dict:
     """One ``neuqi quantize`` process; returns its timing and perplexities."""
     env = dict(os.environ)
     if src is not None:
         env["PYTHONPATH"] = str(src) + os.pathsep + env.get("PYTHONPATH", "")
     with tempfile.TemporaryDirectory(prefix="neuqi-speed-") as out:
         cmd = [sys.executable, "-m", "neuqi.cli", "quantize", str(model), "--bits", str(bits),
-               "--group-size", str(group), "--init", init, "--method", "ldlq",
+               "--group-size", str(group), *init_flags(init), "--seed", str(seed), "--method", "ldlq",
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                "--calib", args.calib, "--out-dir", out, "--eval", args.eval,
                "--eval-windows", str(args.eval_windows), "--quiet"]
@@ -74,6 +89,7 @@ def main() -> None:
     ap.add_argument("--eval", default="wiki-sample")
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--before", type=Path, help="src folder of another checkout to compare")
+    ap.add_argument("--seeds", default="0", help="calibration seeds, comma list")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -93,33 +109,35 @@ def main() -> None:
         bits, group = (int(x) for x in cfg.split(":"))
         for init in args.inits.split(","):
             for name, src in variants:
-                if name == "before" and init == "minmax":
-                    continue  # min-max did not change; one baseline per config
-                key = f"{name}/{bits}:{group}/{init}"
-                if key in data["runs"]:
-                    continue
-                print(f"running {key} ...", flush=True)
-                data["runs"][key] = run_one(model, bits, group, init, args, src)
-                tmp = out.with_suffix(".tmp")
-                tmp.write_text(json.dumps(data, indent=1))
-                tmp.replace(out)
-                print(f"  {data['runs'][key]}", flush=True)
+                for seed in (int(x) for x in args.seeds.split(",")):
+                    if name == "before" and init == "minmax":
+                        continue  # min-max did not change; one baseline per config
+                    key = f"{name}/{bits}:{group}/{init}" + (f"/seed{seed}" if seed else "")
+                    if key in data["runs"]:
+                        continue
+                    print(f"running {key} ...", flush=True)
+                    data["runs"][key] = run_one(model, bits, group, init, args, src, seed)
+                    tmp = out.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(data, indent=1))
+                    tmp.replace(out)
+                    print(f"  {data['runs'][key]}", flush=True)
     print_table(data)
 
 
 def print_table(data: dict) -> None:
     runs = data["runs"]
     print(f"\n{data['setup']}\n")
-    print("| config | init | variant | quantize s | init s | solve s | × min-max | ppl |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| config | init | variant | seed | quantize s | init s | solve s | × min-max | ppl |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for key, r in runs.items():
-        variant, cfg, init = key.split("/")
-        base = runs.get(f"after/{cfg}/minmax")
+        variant, cfg, init, *seed = key.split("/")
+        base = runs.get("/".join(["after", cfg, "minmax", *seed])) or runs.get(f"after/{cfg}/minmax")
         ratio = f"{r['quantize_seconds'] / base['quantize_seconds']:.2f}" if base else "-"
         ppl = ", ".join(f"{v:.2f}" for v in r["ppl"].values())
         init_s, solve_s = ("-" if r.get(k) is None else f"{r[k]:.0f}"
                            for k in ("init_seconds", "solve_seconds"))
-        print(f"| {cfg} | {init} | {variant} | {r['quantize_seconds']:.0f} | {init_s} | {solve_s} | "
+        print(f"| {cfg} | {init} | {variant} | {seed[0][4:] if seed else 0} | {r['quantize_seconds']:.0f} | "
+              f"{init_s} | {solve_s} | "
               f"{ratio} | {ppl} |")
 
 
