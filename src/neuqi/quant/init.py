@@ -117,10 +117,11 @@ def _compiled(fn):
 
 
 def _own_rows(x: Tensor, double: bool) -> Tensor:
-    """``x`` as a tensor of its own (not a view), its one row twice if ``double``."""
+    """``x`` as a tensor of its own (``detach``: no copy, no view to guard on), its one
+    row twice if ``double``."""
     if double and x.dim() and x.shape[0] == 1:
         return torch.cat([x, x])
-    return x.clone() if x._base is not None else x
+    return x.detach() if x._base is not None else x
 
 
 def _run_sweep(fn, *args):
@@ -128,8 +129,8 @@ def _run_sweep(fn, *args):
 
     The compiled kernel specialises, and would compile again, on a dimension of size 1
     and on how a view relates to its base (a layer's last, shorter chunk).  So it gets
-    no views (they are copied: one pass over a chunk the kernel walks many times), and
-    a chunk of one group runs as two, the results cut back.  The first argument is the
+    no views (:func:`_own_rows`), and a chunk of one group runs as two, the results cut
+    back.  The first argument is the
     chunk of groups; when it has one row, so has every other batched argument, and no
     shared one does (bits ≥ 2)."""
     compiled = _compiled(fn)
@@ -1249,7 +1250,9 @@ def _candidate_int_zeros(wg: Tensor, s0: Tensor, maxq: int) -> Tensor:
     G = wg.shape[0]
     n_zeros = min(maxq + 1, NEUQI_INT_MAX_ZEROS)
     if n_zeros == maxq + 1:
-        return torch.arange(maxq + 1, device=wg.device, dtype=wg.dtype).expand(G, -1)
+        # materialised: a broadcast [G, Z] has stride 0 except where G is 1, and the
+        # compiled kernel that takes it would compile again for a single group
+        return torch.arange(maxq + 1, device=wg.device, dtype=wg.dtype).repeat(G, 1)
     centre = torch.clamp(torch.round(-wg.amin(1) / s0) - n_zeros // 2, 0, maxq + 1 - n_zeros)
     return centre[:, None] + torch.arange(n_zeros, device=wg.device, dtype=wg.dtype)
 
