@@ -71,6 +71,7 @@ METHODS: dict[str, dict] = {
     "MSE+LDLQ hpow0": {"method": "ldlq", "init": "mse", "h_power": 0.0},
     # No weight more than one step beyond the grid (bench/clip_restore.py: why).
     "NeUQI+LDLQ clip1": {"method": "ldlq", "init": "neuqi", "max_clip": 1.0},
+    "NeUQI_int+LDLQ clip1": {"method": "ldlq", "init": "neuqi_int", "max_clip": 1.0},
 }
 _CORE = ["GPTQ-minmax (LDLQ+Hsort)", "NeUQI+LDLQ", "NeUQI_int+LDLQ", "RTN"]
 # (bits, group size, label) in the order they run: the comparisons that matter

@@ -481,3 +481,38 @@ def test_init_params_runs_the_search_it_is_asked_for():
     assert not torch.equal(got["multistart"], got["grid"])  # so the check above can fail
     with pytest.raises(ValueError, match="applies to init 'neuqi'"):
         init_params(w, spec, "neuqi_int", h, search="grid")
+
+
+@pytest.mark.parametrize("bits,group,clip", [(2, 32, 0.5), (3, 64, 1.0), (4, -1, 1.0), (3, 64, 2.5)])
+def test_neuqi_int_clip_bound_holds_and_beats_a_dense_grid_under_it(bits, group, clip):
+    """``max_clip`` with integer zeros: no weight beyond ``clip`` steps past the grid's
+    ends, and no worse than 2048 scales × every integer zero under the same bound."""
+    torch.manual_seed(bits)
+    spec = QuantSpec(bits, group)
+    w = torch.distributions.StudentT(3.0).sample((24, 128)) * 0.02
+    h = torch.rand(128) ** 2 + 0.01
+    p = init_params(w, spec, "neuqi_int", h, max_clip=clip)
+    wg, hg, _ = init_mod.to_groups(w, spec, h)
+    s, z = p.scale.flatten(), p.zero.flatten()
+    assert torch.equal(z, z.round())
+    lo, hi = wg.amin(1) / s + z, wg.amax(1) / s + z
+    assert (lo >= -clip - 1e-4).all() and (hi <= spec.maxq + clip + 1e-4).all()
+    ours = init_mod.group_loss(wg, hg, s, z, spec.maxq).double()
+    s0 = init_mod.minmax_scale(wg, spec.maxq)
+    ref = torch.full_like(ours, torch.inf)
+    for zi in range(spec.maxq + 1):
+        for i in range(1, 2049):
+            si = s0 * (2 * i / 2048)
+            ok = (wg.amin(1) / si + zi >= -clip) & (wg.amax(1) / si + zi <= spec.maxq + clip)
+            loss = init_mod.group_loss(wg, hg, si, torch.full_like(si, zi), spec.maxq).double()
+            ref = torch.where(ok, torch.minimum(ref, loss), ref)
+    assert (ours <= ref * (1 + 1e-5)).all()
+    free = init_mod.group_loss(wg, hg, *init_mod._init_neuqi_int(wg, hg, spec.maxq), spec.maxq)
+    assert (ours >= free.double() * (1 - 1e-5)).all()  # a bound never lowers the loss
+    assert (ours > free.double() * (1 + 1e-6)).any()  # and it binds on these heavy tails
+
+
+@pytest.mark.parametrize("kw", [{"max_clip": 0.4}, {"max_clip": 1.0, "norm": 3.0}])
+def test_neuqi_int_clip_bound_refuses_what_it_cannot_honour(kw):
+    with pytest.raises(ValueError, match="max_clip applies to"):
+        init_params(torch.randn(4, 64), QuantSpec(3, 64), "neuqi_int", torch.rand(64), **kw)

@@ -92,11 +92,15 @@ def test_a_loose_bound_costs_nothing_and_a_tight_one_costs_objective():
 def test_the_bound_is_refused_where_it_means_nothing(tmp_path):
     w, h, spec = _groups(3, 64)
     with pytest.raises(ValueError, match="max_clip"):
-        init_params(w, spec, "neuqi_int", h, max_clip=1.0)
+        init_params(w, spec, "neuqi_int", h, max_clip=0.25)  # min-max's fallback needs ½
+    with pytest.raises(ValueError, match="max_clip"):
+        init_params(w, spec, "mse", h, max_clip=1.0)
     with pytest.raises(ValueError, match="max_clip"):
         init_params(w, spec, "neuqi", h, max_clip=-1.0)
     with pytest.raises(ValueError, match="--max-clip"):
         RunConfig(model=str(tmp_path), init="minmax", max_clip=1.0)
     cfg = RunConfig(model=str(tmp_path / "m"), bits=4, group_size=-1, max_clip=1.0)
     assert cfg.run_name.endswith(".neuqi.clip1")
+    cfg = RunConfig(model=str(tmp_path / "m"), bits=3, group_size=64, init="neuqi_int", max_clip=1.0)
+    assert cfg.run_name.endswith(".neuqi_int.clip1")
     assert ".clip" not in RunConfig(model=str(tmp_path / "m")).run_name

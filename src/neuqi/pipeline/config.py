@@ -68,7 +68,8 @@ class QuantConfig:
     magr_alpha: float | None = option(
         None, "MagR's alpha (default: 1e-3 channel-wise, 1e-4 grouped)", "--alpha", "--magr-alpha")
     max_clip: float | None = option(
-        None, "NeUQI: steps any weight may lie beyond the grid's ends (default: no bound)")
+        None, "NeUQI (>= 0), NeUQI_int (>= 0.5): steps any weight may lie beyond the grid's ends "
+              "(default: no bound)")
     select: str = option(
         "", "further inits tried inside the solver, comma list (e.g. minmax,mse): every row keeps "
             "the init whose solve leaves it the lowest proxy loss (same kind of zero as --init)")
@@ -123,8 +124,6 @@ class QuantConfig:
         QuantSpec(self.bits, self.group_size)  # validates bits and group size
         if self.init not in INIT_METHODS:
             raise ValueError(f"--init must be one of {INIT_METHODS}, got {self.init!r}")
-        if self.max_clip is not None and (self.init != "neuqi" or not self.max_clip >= 0):
-            raise ValueError(f"--max-clip needs --init neuqi and a value >= 0, got {self.max_clip!r}")
         if bad := [m for m in self.also_inits if m not in INIT_METHODS]:
             raise ValueError(f"--select {bad}: choose from {INIT_METHODS}")
         check_solver_options(init=self.init, algorithm=self.method, gguf=self.gguf is not None,

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from neuqi.quant.gguf_types import GGUFType, gguf_params
 from neuqi.quant.grid import QuantParams, QuantSpec, check_finite, check_weight, dequantize
-from neuqi.quant.init import InitMethod, check_init_norm, check_search, init_params
+from neuqi.quant.init import InitMethod, check_init_norm, check_max_clip, check_search, init_params
 from neuqi.quant.magr import magr_preprocess
 from neuqi.quant.refit import refit_params, row_losses
 
@@ -171,6 +171,8 @@ def check_solver_options(
         raise ValueError(f"unknown {n['algorithm']} {algorithm!r}; choose one of {ALGORITHMS}")
     if gguf and max_clip is not None:
         raise ValueError(f"{n['max_clip']} is not available with GGUF types")
+    if (why := check_max_clip(max_clip, init, init_norm)) is not None:
+        raise ValueError(f"{n['max_clip']}: {why}")
     if (also_inits or refit) and (gguf or algorithm == "rtn"):
         raise ValueError(f"{n['also_inits']} and {n['refit']} need a solver ({n['algorithm']} gptq "
                          "or ldlq) and no GGUF type")

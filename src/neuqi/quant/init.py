@@ -1260,19 +1260,22 @@ def _candidate_int_zeros(wg: Tensor, s0: Tensor, maxq: int) -> Tensor:
 def _init_neuqi_int(
     wg: Tensor, hg: Tensor, maxq: int, coarse: int = NEUQI_COARSE,
     max_ratio: float = NEUQI_MAX_RATIO, keep: int | None = NEUQI_INT_ZEROS,
-    bracket: int | None = NEUQI_INT_BRACKET,
+    bracket: int | None = NEUQI_INT_BRACKET, max_clip: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """NeUQI_int: best integer zero with the best scale for it
     (:func:`fixed_zero_search` over the integer zeros near min-max's).
 
     The reference searches a grid of 2048 scales in ``(0, s₀]`` for every integer
-    zero.  Min-max is kept for a group where it is strictly better.
+    zero.  Min-max is kept for a group where it is strictly better.  ``max_clip``
+    (≥ ½) keeps every weight within that many steps beyond the grid's ends: each
+    zero's scales start at the least that allows it (:func:`int_zero_scale_floor`).
     """
     s0 = minmax_scale(wg, maxq)
     zeros = _candidate_int_zeros(wg, s0, maxq)
     if zeros.shape[1] * maxq <= NEUQI_INT_EXHAUSTIVE_EVENTS:
         keep, bracket = None, None
-    scale, zero = fixed_zero_search(wg, hg, maxq, zeros, s0, keep, bracket, coarse, max_ratio)
+    floor = None if max_clip is None else int_zero_scale_floor(wg, zeros, maxq, max_clip)
+    scale, zero = fixed_zero_search(wg, hg, maxq, zeros, s0, keep, bracket, coarse, max_ratio, floor)
     ok = torch.isfinite(scale) & (scale > 0)
     mm_s, mm_z = _init_minmax(wg, maxq, 1.0)
     scale = torch.where(ok, scale, mm_s)
@@ -1281,9 +1284,21 @@ def _init_neuqi_int(
     return torch.where(better, scale, mm_s), torch.where(better, zero, mm_z)
 
 
+def int_zero_scale_floor(wg: Tensor, zeros: Tensor, maxq: int, max_clip: float) -> Tensor:
+    """The least scale at which zero ``zeros: [G, Z]`` keeps every weight of its group
+    within ``max_clip`` (> 0) steps beyond the grid's ends, ``[G, Z]``: the group's
+    minimum no lower than ``−max_clip`` in codes, its maximum no higher than
+    ``maxq + max_clip``."""
+    w_min, w_max = wg.amin(1, keepdim=True), wg.amax(1, keepdim=True)
+    need_lo = torch.where(w_min < 0, -w_min / (zeros + max_clip), 0.0)
+    need_hi = torch.where(w_max > 0, w_max / (maxq + max_clip - zeros), 0.0)
+    return torch.maximum(need_lo, need_hi)
+
+
 def fixed_zero_search(
     wg: Tensor, hg: Tensor, maxq: int, zeros: Tensor, s0: Tensor, keep: int | None = None,
     bracket: int | None = NEUQI_INT_BRACKET, coarse: int = NEUQI_COARSE, max_ratio: float = NEUQI_MAX_RATIO,
+    s_floor: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The best ``(scale, zero)`` per group over candidate zero-points ``zeros: [G, Z]``
     held fixed (integer zeros, or a symmetric type's), each with its best scale.
@@ -1297,13 +1312,14 @@ def fixed_zero_search(
     points (:func:`_bracket_sweep_chunk`, a few events per weight): at 4 bits a
     zero's loss has several valleys of nearly equal depth, and the grid's lowest
     point is often in the wrong one.  ``s0: [G]`` is the scale the ratios multiply.
+    ``s_floor: [G, Z]`` (optional) is each zero's least allowed scale.
     Returns ``(scale, zero)``, ``[G]``.
     """
     G, n = wg.shape
     Z = zeros.shape[1]
     keep = Z if keep is None else min(keep, Z)
     if bracket is None and keep == Z:
-        return _chunked_scale_sweep(wg, hg, maxq, zeros.contiguous())
+        return _chunked_scale_sweep(wg, hg, maxq, zeros.contiguous(), s_floor)
     ratios = torch.arange(1, round(coarse * max_ratio) + 1, device=wg.device, dtype=wg.dtype) / coarse
     if bracket is not None:  # the sparse tail: a fixed zero's best grid is sometimes wider
         ratios = torch.cat([ratios, torch.tensor(NEUQI_INT_TAIL, device=wg.device, dtype=wg.dtype)])
@@ -1314,10 +1330,13 @@ def fixed_zero_search(
         part = slice(start, start + chunk)
         s = s0[part, None] * ratios[None, :]
         losses[part] = _run_sweep(_int_zero_losses_chunk, wg[part], hg[part], s, zeros[part], maxq)
+        if s_floor is not None:  # below a zero's floor its grid clips too far
+            losses[part] = torch.where(s[:, :, None] < s_floor[part, None, :], torch.inf, losses[part])
         _trim(c, wg.device)
     if bracket is None:
         top = losses.amin(1).topk(keep, dim=1, largest=False).indices
-        return _chunked_scale_sweep(wg, hg, maxq, zeros.gather(1, top).contiguous())
+        return _chunked_scale_sweep(wg, hg, maxq, zeros.gather(1, top).contiguous(),
+                                    None if s_floor is None else s_floor.gather(1, top).contiguous())
     inf = torch.full_like(losses[:, :1], torch.inf)
     padded = torch.cat([inf, losses, inf], dim=1)
     valley = (losses <= padded[:, :-2]) & (losses <= padded[:, 2:])
@@ -1327,8 +1346,11 @@ def fixed_zero_search(
     i, zi = torch.div(top, Z, rounding_mode="floor"), top % Z
     lo = torch.where(i >= bracket, ratios[(i - bracket).clamp_min(0)], ratios[0] / 2)
     hi = torch.where(i + bracket < K, ratios[(i + bracket).clamp_max(K - 1)], ratios[-1] * 1.25)
-    return _chunked_bracket_sweep(wg, hg, maxq, zeros.gather(1, zi).contiguous(), s0[:, None] * lo,
-                                  s0[:, None] * hi)
+    s_lo, s_hi = s0[:, None] * lo, s0[:, None] * hi
+    if s_floor is not None:
+        s_lo = torch.maximum(s_lo, s_floor.gather(1, zi))
+        s_hi = torch.maximum(s_hi, s_lo)
+    return _chunked_bracket_sweep(wg, hg, maxq, zeros.gather(1, zi).contiguous(), s_lo, s_hi)
 
 
 def _chunked_bracket_sweep(
@@ -1366,6 +1388,20 @@ LP_IRLS_ROUNDS = 1
 # Errors below this fraction of a step keep this much of their weight in a reweighted
 # round (an exact fit would otherwise get weight 0 and be free to move).
 LP_IRLS_FLOOR = 0.1
+
+
+def check_max_clip(max_clip: float | None, init: str, norm: float) -> str | None:
+    """Why a clip bound of ``max_clip`` steps cannot apply (None when it can).  With an
+    integer zero it must be at least ½: min-max's point, the search's fallback, lies
+    within half a step of the grid."""
+    if max_clip is None:
+        return None
+    if init == "neuqi" and max_clip >= 0:
+        return None
+    if init == "neuqi_int" and max_clip >= 0.5 and norm == 2.0:
+        return None
+    return (f"max_clip applies to init 'neuqi' (>= 0) or 'neuqi_int' (>= 0.5, squared error), "
+            f"got {max_clip!r} with init {init!r}" + (f" and norm {norm:g}" if norm != 2.0 else ""))
 
 
 def check_search(search: str | None, init: str, norm: float, max_clip: float | None) -> str | None:
@@ -1528,9 +1564,8 @@ def init_params(
                 f"h_diag must have shape [in]={w.shape[1]}, got {tuple(h_diag.shape)}"
             )
         check_finite("h_diag", h_diag)
-    if max_clip is not None and (method != "neuqi" or not max_clip >= 0):
-        raise ValueError(f"max_clip applies to init 'neuqi' and must be >= 0, got {max_clip!r} "
-                         f"with init {method!r}")
+    if (why := check_max_clip(max_clip, method, norm)) is not None:
+        raise ValueError(why)
     if (why := check_init_norm(norm, method)) is not None:
         raise ValueError(why)
     if (why := check_search(search, method, norm, max_clip)) is not None:
@@ -1555,5 +1590,5 @@ def init_params(
     elif norm != 2.0:
         scale, zero = _init_int_lp(wg, hg, maxq, norm)
     else:
-        scale, zero = _init_neuqi_int(wg, hg, maxq)
+        scale, zero = _init_neuqi_int(wg, hg, maxq, max_clip=max_clip)
     return QuantParams(scale.reshape(out, n_groups), zero.reshape(out, n_groups))
