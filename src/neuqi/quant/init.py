@@ -980,10 +980,8 @@ def _init_neuqi_grid(
 
     def least_scale(z: Tensor) -> Tensor:
         """Least scale at which zero ``z`` keeps every weight within the bound."""
-        c = float(max_clip or 0.0)
-        need_lo = torch.where(w_min < 0, -w_min / (z + c).clamp_min(1e-12), 0.0)
-        need_hi = torch.where(w_max > 0, w_max / (maxq + c - z).clamp_min(1e-12), 0.0)
-        return torch.maximum(torch.maximum(need_lo, need_hi), min_ratio * s0)
+        return torch.maximum(clip_scale_floor(w_min, w_max, z, maxq, float(max_clip or 0.0)),
+                             min_ratio * s0)
 
     def accept(idx: Tensor, s: Tensor, z: Tensor, loss: Tensor) -> None:
         better = loss < best_l[idx]
@@ -1268,13 +1266,14 @@ def _init_neuqi_int(
     The reference searches a grid of 2048 scales in ``(0, s₀]`` for every integer
     zero.  Min-max is kept for a group where it is strictly better.  ``max_clip``
     (≥ ½) keeps every weight within that many steps beyond the grid's ends: each
-    zero's scales start at the least that allows it (:func:`int_zero_scale_floor`).
+    zero's scales start at the least that allows it (:func:`clip_scale_floor`).
     """
     s0 = minmax_scale(wg, maxq)
     zeros = _candidate_int_zeros(wg, s0, maxq)
     if zeros.shape[1] * maxq <= NEUQI_INT_EXHAUSTIVE_EVENTS:
         keep, bracket = None, None
-    floor = None if max_clip is None else int_zero_scale_floor(wg, zeros, maxq, max_clip)
+    floor = None if max_clip is None else clip_scale_floor(
+        wg.amin(1, keepdim=True), wg.amax(1, keepdim=True), zeros, maxq, max_clip)
     scale, zero = fixed_zero_search(wg, hg, maxq, zeros, s0, keep, bracket, coarse, max_ratio, floor)
     ok = torch.isfinite(scale) & (scale > 0)
     mm_s, mm_z = _init_minmax(wg, maxq, 1.0)
@@ -1284,14 +1283,13 @@ def _init_neuqi_int(
     return torch.where(better, scale, mm_s), torch.where(better, zero, mm_z)
 
 
-def int_zero_scale_floor(wg: Tensor, zeros: Tensor, maxq: int, max_clip: float) -> Tensor:
-    """The least scale at which zero ``zeros: [G, Z]`` keeps every weight of its group
-    within ``max_clip`` (> 0) steps beyond the grid's ends, ``[G, Z]``: the group's
-    minimum no lower than ``−max_clip`` in codes, its maximum no higher than
-    ``maxq + max_clip``."""
-    w_min, w_max = wg.amin(1, keepdim=True), wg.amax(1, keepdim=True)
-    need_lo = torch.where(w_min < 0, -w_min / (zeros + max_clip), 0.0)
-    need_hi = torch.where(w_max > 0, w_max / (maxq + max_clip - zeros), 0.0)
+def clip_scale_floor(w_min: Tensor, w_max: Tensor, z: Tensor, maxq: int, max_clip: float) -> Tensor:
+    """The least scale at which zero ``z`` keeps a group's weights within ``max_clip``
+    steps beyond the grid's ends: its minimum ``w_min`` no lower than ``−max_clip`` in
+    codes, its maximum ``w_max`` no higher than ``maxq + max_clip`` (broadcast shapes;
+    huge where ``z`` leaves no room).  Used by the float and the integer-zero searches."""
+    need_lo = torch.where(w_min < 0, -w_min / (z + max_clip).clamp_min(1e-12), 0.0)
+    need_hi = torch.where(w_max > 0, w_max / (maxq + max_clip - z).clamp_min(1e-12), 0.0)
     return torch.maximum(need_lo, need_hi)
 
 
