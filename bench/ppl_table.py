@@ -72,6 +72,7 @@ METHODS: dict[str, dict] = {
     # No weight more than one step beyond the grid (bench/clip_restore.py: why).
     "NeUQI+LDLQ clip1": {"method": "ldlq", "init": "neuqi", "max_clip": 1.0},
     "NeUQI_int+LDLQ clip1": {"method": "ldlq", "init": "neuqi_int", "max_clip": 1.0},
+    "NeUQI_int+LDLQ clip0.5": {"method": "ldlq", "init": "neuqi_int", "max_clip": 0.5},
 }
 _CORE = ["GPTQ-minmax (LDLQ+Hsort)", "NeUQI+LDLQ", "NeUQI_int+LDLQ", "RTN"]
 # (bits, group size, label) in the order they run: the comparisons that matter
