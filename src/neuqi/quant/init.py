@@ -698,14 +698,6 @@ MULTI_STEPS = 2
 MULTI_SEP = 0.05
 # Where the multi-start search is the default: groups shorter than UB_MIN_LEN, 2-4 bits.
 MULTI_DEFAULT_MAXQ = (3, 7, 15)
-# From 4 bits on, a valley's floor is rough at the scale of a few percent: in 5 of the
-# 4992 4-bit g64 groups sampled from SmolLM2's block 3 (64 rows of each linear) the
-# valley's best scale lay 1-3 % of s₀ from where the pattern sweeps ended (worst
-# 1.0144 of the dense optimum).  The exact grid
-# search within MULTI_BANDED_BAND grid steps (s₀/64) of the two valleys, one
-# refinement round, brought the worst to 1.0046.
-MULTI_BANDED_MAXQ = 15
-MULTI_BANDED_BAND = 2
 
 NEUQI_SEARCHES = ("multistart", "banded", "patterns", "grid")
 
@@ -843,9 +835,6 @@ def _init_neuqi_multistart(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, T
     best.take(*fitted_patterns(wg, hg, best.s, maxq))
     z, loss = best_zero(wg / best.s[:, None], hg, maxq)
     best.take(best.s, z, loss * best.s * best.s)
-    if maxq >= MULTI_BANDED_MAXQ:
-        return _init_neuqi_grid(wg, hg, maxq, centres=(best.s, s2), incumbent=(best.s, best.z),
-                                band=MULTI_BANDED_BAND, rounds=1)
     return best.s, best.z
 
 
