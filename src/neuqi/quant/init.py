@@ -130,9 +130,8 @@ def _run_sweep(fn, *args):
     The compiled kernel specialises, and would compile again, on a dimension of size 1
     and on how a view relates to its base (a layer's last, shorter chunk).  So it gets
     no views (:func:`_own_rows`), and a chunk of one group runs as two, the results cut
-    back.  The first argument is the
-    chunk of groups; when it has one row, so has every other batched argument, and no
-    shared one does (bits ≥ 2)."""
+    back.  The first argument is the chunk of groups; when it has one row, so has every
+    other batched argument, and no shared one does (bits ≥ 2)."""
     compiled = _compiled(fn)
     if compiled is fn:
         return fn(*args)
