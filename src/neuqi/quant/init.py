@@ -713,7 +713,7 @@ def _init_neuqi(
     zero is constrained (``max_clip``, ``zero_limit``), which the fitted grids of the
     other searches do not respect.  ``"multistart"``, ``"banded"``
     (:func:`_init_neuqi_banded`: 1.4-2.2x faster on channel-wise rows, not the default
-    while one 3-bit channel-wise run measured worse end to end), ``"patterns"``
+    while two seeds left its end-to-end effect unsettled), ``"patterns"``
     (:func:`_init_neuqi_patterns`, the default on short groups before the multi-start
     search) and ``"grid"`` force one search where the zero is free.
     """
@@ -742,10 +742,10 @@ def _init_neuqi_banded(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tenso
     only ``2·band + 1`` grid scales around each of the two are swept (pruned by the
     grid search's bounds), against 80 over the whole range.  The best
     point is the incumbent, after min-max's.  On SmolLM2 (bench/quantize_speed.py,
-    2026-12-06) its whole runs were 1.4x faster than the grid's at 3- and 4-bit
-    channel-wise, with wiki-sample perplexity 48.70 against 46.15 at 3 bits and 26.50
-    against 26.58 at 4: one run each, so it stays opt-in until the run-to-run spread
-    there is measured.
+    2026-12-06) its whole 3-bit channel-wise runs were 1.6x faster than the grid's, with
+    wiki-sample perplexity 48.70 and 45.32 on two calibration seeds against the grid's
+    46.15 and 46.18 (4-bit: 26.50 against 26.58, one seed): worse on one seed, better on
+    the other, so it stays opt-in (``search="banded"``, ``--search banded``).
     """
     s1, z1, s2 = _multistart_points(wg, hg, maxq)
     return _init_neuqi_grid(wg, hg, maxq, centres=(s1, s2), incumbent=(s1, z1))
