@@ -158,6 +158,9 @@ def test_moe_refuses_what_it_cannot_do(calib_file, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--gguf is not available for mixture-of-experts"):
         calibrate_and_quantize(run_config(calib_file, gguf="Q4_0", init="neuqi"), model, tok,
                                torch.device("cpu"), quiet=True)
+    with pytest.raises(ValueError, match="--fp-target applies to dense decoder layers"):
+        calibrate_and_quantize(run_config(calib_file, fp_target=True), model, tok, torch.device("cpu"),
+                               quiet=True)
     # an experts module in another layout is refused, not quantized wrongly
     monkeypatch.setattr(model.model.layers[0].mlp.experts, "is_transposed", True)
     with pytest.raises(ValueError, match="does not store its experts as neuqi expects"):
@@ -175,10 +178,10 @@ def test_an_interrupted_moe_run_resumes_to_the_same_checkpoint(calib_file, tmp_p
     whole = quantize_model(RunConfig(**cfg, out_dir=str(tmp_path / "a")), quiet=True)
     real = sequential.quantize_linear
     with monkeypatch.context() as m:
-        def stop(lin, H, opts, name=""):
+        def stop(lin, H, opts, name="", cross=None):
             if ".2." in name:
                 raise KeyboardInterrupt
-            return real(lin, H, opts, name)
+            return real(lin, H, opts, name, cross)
 
         m.setattr(sequential, "quantize_linear", stop)
         with pytest.raises(KeyboardInterrupt):

@@ -85,6 +85,10 @@ class QuantConfig:
         "auto", "NeUQI's scale search (--init neuqi): auto (multi-start on groups shorter than 256, "
                 "the exact grid on longer rows) | multistart | banded (the grid around the "
                 "multi-start valleys: faster channel-wise) | patterns | grid")
+    fp_target: bool = option(
+        False, "each linear matches the FP model's output from the quantized model's input "
+               "(E||W x_fp - Q x_q||^2, GPTAQ's asymmetric calibration): the earlier layers' error "
+               "is corrected, not only carried; one more FP pass per layer")
     act_order: bool = option(True, "process columns in decreasing diag(H) order")
     damp: float = option(DEFAULT_DAMP, "Hessian damping, as a fraction of its mean diagonal")
     gguf: str | None = option(
@@ -246,6 +250,8 @@ class QuantConfig:
             parts.append(f"hpow{self.h_power:g}")
         if self.search != "auto":
             parts.append(f"search-{self.search}")
+        if self.fp_target:
+            parts.append("fptarget")
         if self.magr:
             parts.append("magr" if self.magr_alpha is None else f"magr{self.magr_alpha:g}")
         # Settings that change the result, named only when not the default so that

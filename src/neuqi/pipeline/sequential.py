@@ -29,6 +29,7 @@ from neuqi.pipeline.resume import ResumeState
 from neuqi.quant import dequantize, gptq_quantize
 from neuqi.quant.gguf_types import GGUFType, type_for_row
 from neuqi.quant.grid import QuantSpec
+from neuqi.quant.target import fp_target_weight
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,17 @@ class HessianAccumulator:
         return self.H / self.tokens
 
 
+class CrossAccumulator(HessianAccumulator):
+    """``C = Σ x_fp x_qᵀ / tokens``: the FP model's input to a linear against the
+    quantized model's, token by token (``--fp-target``)."""
+
+    def add_pair(self, x_fp: Tensor, x_q: Tensor) -> None:
+        x_fp = x_fp.reshape(-1, x_fp.shape[-1]).float()
+        x_q = x_q.reshape(-1, x_q.shape[-1]).float()
+        self.H += (x_fp.t() @ x_q).double()
+        self.tokens += x_q.shape[0]
+
+
 @torch.no_grad()
 def forward_until(layer: nn.Module, module: nn.Module, batches: list[Batch],
                   record: Callable[[tuple, dict], None]) -> None:
@@ -161,6 +173,47 @@ def group_hessian(layer: nn.Module, first_linear: nn.Linear, batches: list[Batch
 
 
 @torch.no_grad()
+def group_statistics(
+    layer: nn.Module, first_linear: nn.Linear, batches: list[Batch], fp_inputs: list[Tensor] | None,
+) -> tuple[Tensor, Tensor | None]:
+    """``(H, C)`` of a group's input: :func:`group_hessian`'s H and, given the FP model's
+    inputs to the same linear batch by batch (``fp_inputs``), ``C = E[x_fp x_qᵀ]``."""
+    if fp_inputs is None:
+        return group_hessian(layer, first_linear, batches), None
+    acc = HessianAccumulator(first_linear.in_features, batches[0].hidden.device)
+    cross = CrossAccumulator(first_linear.in_features, batches[0].hidden.device)
+    fp = iter(fp_inputs)
+
+    def record(args, kwargs) -> None:
+        acc.add(args[0])
+        cross.add_pair(next(fp), args[0])
+
+    forward_until(layer, first_linear, batches, record)
+    return acc.mean(), cross.mean()
+
+
+@torch.no_grad()
+def fp_layer_pass(layer: nn.Module, firsts: list[nn.Module], batches: list[Batch]
+                  ) -> tuple[list[list[Tensor]], list[Batch]]:
+    """The FP layer (not yet quantized) on the FP model's own hidden states: the input
+    of every linear in ``firsts``, batch by batch, and the layer's outputs."""
+    seen: list[list[Tensor]] = [[] for _ in firsts]
+
+    def keep(k: int):
+        def hook(_module, args):
+            seen[k].append(args[0].detach().float().clone())
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep(k)) for k, m in enumerate(firsts)]
+    try:
+        out = layer_outputs(layer, batches)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, out
+
+
+@torch.no_grad()
 def layer_outputs(layer: nn.Module, batches: list[Batch]) -> list[Batch]:
     out = []
     for b in batches:
@@ -181,26 +234,29 @@ def linear_format(
 
 
 def quantize_linear(
-    lin: nn.Linear, H: Tensor, opts: QuantConfig, name: str = ""
+    lin: nn.Linear, H: Tensor, opts: QuantConfig, name: str = "", cross: Tensor | None = None,
 ) -> tuple[QuantizedLinear, dict]:
     """Quantize one linear in place (its weight becomes the de-quantized one).
 
-    ``name`` picks the linear's GGUF type (``--gguf-tensor``, the row-length fallback).
+    ``name`` picks the linear's GGUF type (``--gguf-tensor``, the row-length fallback);
+    ``cross`` (``--fp-target``) is ``E[x_fp x_qᵀ]`` of its input.
     """
-    return quantize_weight(lin.weight.data, lin.bias, H, opts, name)
+    return quantize_weight(lin.weight.data, lin.bias, H, opts, name, cross=cross)
 
 
 def quantize_weight(
     weight: Tensor, bias: Tensor | None, H: Tensor, opts: QuantConfig, name: str = "",
-    expert_of: str | None = None,
+    expert_of: str | None = None, cross: Tensor | None = None,
 ) -> tuple[QuantizedLinear, dict]:
     """Quantize ``weight: [out, in]`` (a linear's, or one expert's slice of a fused
-    3-D parameter) in place and return its record and stats."""
+    3-D parameter) in place and return its record and stats.  Given ``cross``, the
+    solver's target is :func:`fp_target_weight`, not the weight itself."""
     spec, gguf, want = linear_format(weight.shape[1], opts, name)
     if gguf is not want:
         log.info("%s: rows of %d do not fit %s; quantized as %s", name, weight.shape[1], want.name, gguf.name)
+    target = weight.float() if cross is None else fp_target_weight(weight.float(), H, cross, opts.damp)
     res = gptq_quantize(
-        weight.float(),
+        target,
         H,
         spec,
         init=opts.init,  # type: ignore[arg-type]
@@ -270,6 +326,12 @@ def quantize_layers(
     layers = decoder_layers(model, adapter)
     records: dict[str, QuantizedLinear] = {}
     stats: list[dict] = []
+    # --fp-target: the FP model's own hidden states, carried beside the quantized ones
+    # (layer 0's inputs are the same in both models)
+    fp_batches = batches if opts.fp_target else None
+    if fp_batches is not None and any(adapter.layer_experts(layer) is not None for layer in layers):
+        raise ValueError("--fp-target applies to dense decoder layers; this model's layers have "
+                         "experts: drop --fp-target")
     start = 0 if resume is None else resume.layers_done
     if start:
         records.update(resume.records)
@@ -277,6 +339,9 @@ def quantize_layers(
         for i in range(start):
             if before_layer is not None:
                 before_layer(i, layers[i])
+            if fp_batches is not None:  # the FP states are not saved: the FP layer recomputes them
+                fp_batches = layer_outputs(layers[i].to(device), [b.at_layer(i) for b in fp_batches])
+                layers[i].to(home)
             restore_layer(layers[i], f"{adapter.layers}.{i}.", records, opts)
             if after_layer is not None:
                 after_layer(i, layers[i])
@@ -294,19 +359,24 @@ def quantize_layers(
         names = adapter.layer_groups(layer)
         groups = [[layer.get_submodule(name) for name in group] for group in names]
         experts = adapter.layer_experts(layer)
+        fp_inputs: list[list[Tensor] | None] = [None] * len(groups)
+        if fp_batches is not None:
+            fp_inputs, fp_batches = fp_layer_pass(layer, [g[0] for g in groups],
+                                                  [b.at_layer(i) for b in fp_batches])
         # the attention, once its linears are quantized, is replayed in the later passes
         replay = SettledReplay(layer, [lin for linears in groups for lin in linears], experts)
         with replay.active():
-            for group, linears in zip(names, groups, strict=True):
-                H = group_hessian(layer, linears[0], batches)
+            for k, (group, linears) in enumerate(zip(names, groups, strict=True)):
+                H, C = group_statistics(layer, linears[0], batches, fp_inputs[k])
+                fp_inputs[k] = None  # freed as soon as C holds what it needs
                 for name, lin in zip(group, linears, strict=True):
                     full = f"{adapter.layers}.{i}.{name}"
-                    record, st = quantize_linear(lin, H, opts, full)
+                    record, st = quantize_linear(lin, H, opts, full, cross=C)
                     records[full] = record
                     st.update(name=full, shape=list(lin.weight.shape))
                     stats.append(st)
                 replay.done(linears)
-                del H
+                del H, C
             if experts is not None:
                 from neuqi.pipeline.moe import quantize_experts
 

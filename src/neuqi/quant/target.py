@@ -1,0 +1,36 @@
+"""The FP model's output as the target: weights that absorb the earlier layers' error.
+
+The solvers minimise ``E‖W x − Ŵ x‖²`` over the inputs ``x`` that the quantized model
+gives a linear, so the error of the layers before it is never corrected, only carried.
+Asking instead for the FP model's output from the quantized model's input,
+``E‖W x_fp − Ŵ x_q‖²`` (GPTAQ's asymmetric calibration, arXiv 2504.02692), is the same
+quadratic with another centre::
+
+    E‖W x_fp − Ŵ x_q‖² = tr((Ŵ − W_t) H (Ŵ − W_t)ᵀ) + const,   W_t H = W C,
+
+with ``H = E[x_q x_qᵀ]`` and ``C = E[x_fp x_qᵀ]``.  So any solver and any parameter
+search run unchanged on the target ``W_t`` in place of ``W``.  Pure tensor math.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from neuqi.quant.gptq import damp_hessian
+
+
+def fp_target_weight(W: Tensor, H: Tensor, C: Tensor, damp: float) -> Tensor:
+    """``W_t = W + W (C − H) H_d⁻¹``: the weights whose output on the quantized inputs
+    best matches ``W``'s on the FP inputs.  ``W: [out, in]``, ``H, C: [in, in]``.
+
+    ``H_d`` is ``H`` damped as the solver damps it (:func:`damp_hessian`).  Written as a
+    correction of ``W`` so that it vanishes where the two inputs agree (``C = H``: the
+    first layer's first linears), and the damping then adds ``λ‖Ŵ − W‖²`` to the
+    objective: it pulls the target toward ``W``, never toward 0.  Float32 out.
+    """
+    Hd = damp_hessian(H, damp)
+    L = torch.linalg.cholesky(Hd)
+    # (W (C − H) H_d⁻¹)ᵀ = H_d⁻¹ (C − H)ᵀ Wᵀ, H_d symmetric
+    rhs = (C.double() - H.double()).t() @ W.double().t()
+    return (W.double() + torch.cholesky_solve(rhs, L).t()).float()
