@@ -133,3 +133,25 @@ def test_a_saved_state_of_another_run_or_a_broken_one_is_refused(four_layers, ca
     # --resume with nothing saved simply starts at layer 0
     fresh = quantize_model(config(four_layers, calib_file, tmp_path / "c", resume=True), quiet=True)
     same_run(run, fresh)
+
+
+def test_a_state_saved_before_an_option_existed_resumes_when_the_option_is_at_its_default(
+        four_layers, calib_file, tmp_path, monkeypatch):
+    """Upgrading neuqi mid-run must not cost the finished layers: an option the saved
+    fingerprint lacks counts as its default; set to anything else, the run is refused."""
+    whole = quantize_model(config(four_layers, calib_file, tmp_path / "a"), quiet=True)
+    cfg = config(four_layers, calib_file, tmp_path / "b")
+    with monkeypatch.context() as m:
+        interrupt_at(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            quantize_model(cfg, quiet=True)
+    states = resume_mod.state_folder(cfg.out_dir, cfg.run_name)
+    saved = json.loads((states / "state.json").read_text())
+    older = {k: v for k, v in saved["fingerprint"].items() if k not in ("fp_target", "search")}
+    (states / "state.json").write_text(json.dumps({**saved, "fingerprint": older}))
+    defaults = {"fp_target": False, "search": "auto"}
+    with pytest.raises(ValueError, match=r"differs in \['fp_target'\]"):
+        resume_mod.ResumeState.open(states, {**saved["fingerprint"], "fp_target": True}, True,
+                                    defaults=defaults)
+    resumed = quantize_model(config(four_layers, calib_file, tmp_path / "b", resume=True), quiet=True)
+    same_run(whole, resumed)

@@ -82,12 +82,14 @@ class ResumeState:
     layer_seconds: list[float | None] = field(default_factory=list)
 
     @classmethod
-    def open(cls, folder: Path, fingerprint: dict, resume: bool, overwrite: bool = False) -> ResumeState:
+    def open(cls, folder: Path, fingerprint: dict, resume: bool, overwrite: bool = False,
+             defaults: dict | None = None) -> ResumeState:
         """The state to continue (``resume``) or a fresh one.
 
         A saved state is never dropped silently: without ``resume`` it is an error
         unless ``overwrite``; with ``resume`` and another fingerprint, an error naming
-        what differs."""
+        what differs.  A key of ``defaults`` that the saved fingerprint lacks (an option
+        added to neuqi after that state was saved) counts as its default there."""
         path = folder / "state.json"
         if not path.exists():
             if resume:
@@ -106,8 +108,8 @@ class ResumeState:
                 f"an interrupted run left its state in {folder} ({saved.get('layers_done')} of "
                 f"{saved.get('n_layers')} layers done): pass --resume to continue it, or "
                 f"--overwrite to start over")
-        if saved.get("version") != STATE_VERSION or saved.get("fingerprint") != fingerprint:
-            old = saved.get("fingerprint") or {}
+        old = {**(defaults or {}), **(saved.get("fingerprint") or {})}
+        if saved.get("version") != STATE_VERSION or old != fingerprint:
             diff = sorted(k for k in {*old, *fingerprint} if old.get(k) != fingerprint.get(k))
             raise ValueError(f"the saved state in {folder} is of another run (differs in {diff}); "
                              f"run without --resume and with --overwrite to start over")

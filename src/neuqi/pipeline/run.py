@@ -14,7 +14,7 @@ import platform
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
@@ -152,8 +152,10 @@ def open_state(cfg: RunConfig, windows: torch.Tensor) -> ResumeState:
     fingerprint = json.loads(json.dumps({
         **quant, "model": str(resolve_model_path(cfg.model)[0].resolve()), "run_name": cfg.run_name,
         "dtype": str(cfg.torch_dtype()), "calibration_tokens": windows_digest(windows)}, default=str))
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(QuantConfig)
+                                      if f.default is not MISSING}, default=str))
     return ResumeState.open(state_folder(cfg.out_dir, cfg.run_name), fingerprint, cfg.resume,
-                            cfg.overwrite)
+                            cfg.overwrite, defaults)
 
 
 def check_not_taken(final: Path, overwrite: bool) -> None:
