@@ -74,13 +74,12 @@ METHODS: dict[str, dict] = {
     "NeUQI_int+LDLQ clip1": {"method": "ldlq", "init": "neuqi_int", "max_clip": 1.0},
     "NeUQI_int+LDLQ clip0.5": {"method": "ldlq", "init": "neuqi_int", "max_clip": 0.5},
     # Each linear matches the FP model's output (GPTAQ's asymmetric calibration).
-    "NeUQI+LDLQ fptarget": {"method": "ldlq", "init": "neuqi", "fp_target": True},
-    "NeUQI_int+LDLQ fptarget": {"method": "ldlq", "init": "neuqi_int", "fp_target": True},
+    "NeUQI+LDLQ fptarget1": {"method": "ldlq", "init": "neuqi", "fp_target": 1.0},
+    "NeUQI+LDLQ fptarget": {"method": "ldlq", "init": "neuqi", "fp_target": 0.25},
+    "NeUQI_int+LDLQ fptarget": {"method": "ldlq", "init": "neuqi_int", "fp_target": 0.25},
     "NeUQI_int+LDLQ norm3 fptarget": {"method": "ldlq", "init": "neuqi_int", "init_norm": 3.0,
-                                      "fp_target": True},
-    "NeUQI_int+LDLQ clip1 fptarget": {"method": "ldlq", "init": "neuqi_int", "max_clip": 1.0,
-                                      "fp_target": True},
-    "GPTQ-minmax fptarget": {"method": "ldlq", "init": "minmax", "fp_target": True},
+                                      "fp_target": 0.25},
+    "GPTQ-minmax fptarget": {"method": "ldlq", "init": "minmax", "fp_target": 0.25},
 }
 _CORE = ["GPTQ-minmax (LDLQ+Hsort)", "NeUQI+LDLQ", "NeUQI_int+LDLQ", "RTN"]
 # (bits, group size, label) in the order they run: the comparisons that matter

@@ -41,3 +41,8 @@ def test_method_labels():
     assert method_label({"method": "ldlq", "init": "neuqi", "max_clip": 1.0}) == "NeUQI+LDLQ clip1"
     assert method_label({"method": "ldlq", "init": "neuqi", "max_clip": None}) == "NeUQI+LDLQ"
     assert method_label({"method": "fp", "bits": 16}) == "FP"
+    # every option that changes the result is in the label, or two rows read the same
+    assert method_label({"method": "ldlq", "init": "neuqi", "fp_target": 0.25}) == "NeUQI+LDLQ fp-target0.25"
+    assert method_label({"method": "ldlq", "init": "neuqi", "search": "banded"}) == "NeUQI+LDLQ search-banded"
+    defaults = {"method": "ldlq", "init": "neuqi", "search": "auto", "fp_target": 0.0}
+    assert method_label(defaults) == "NeUQI+LDLQ"

@@ -59,6 +59,10 @@ def method_label(cfg: dict) -> str:
         label += f" norm{cfg['init_norm']:g}"
     if cfg.get("h_power", 1.0) != 1.0:
         label += f" diag(H)^{cfg['h_power']:g}"
+    if cfg.get("search", "auto") != "auto":
+        label += f" search-{cfg['search']}"
+    if cfg.get("fp_target"):
+        label += f" fp-target{cfg['fp_target']:g}"
     if cfg.get("distilled"):
         label += "+distill"
     return label

@@ -31,8 +31,8 @@ def _output_error(run, fp_model, windows) -> float:
 
 def test_the_fp_target_brings_the_model_closer_to_fp_on_its_calibration(four_layers, calib_file, tmp_path):
     plain = quantize_model(config(four_layers, calib_file, tmp_path), quiet=True)
-    cfg = config(four_layers, calib_file, tmp_path, fp_target=True)
-    assert cfg.run_name.endswith(".fptarget")
+    cfg = config(four_layers, calib_file, tmp_path, fp_target=1.0)
+    assert cfg.run_name.endswith(".fptarget1")
     target = quantize_model(cfg, quiet=True)
     windows = calibration_windows(cfg, load_tokenizer(four_layers))
     fp = load_model(four_layers)
@@ -40,16 +40,21 @@ def test_the_fp_target_brings_the_model_closer_to_fp_on_its_calibration(four_lay
     assert _output_error(target, fp, windows) < 0.9 * _output_error(plain, fp, windows)
 
 
+def test_the_fp_target_strength_is_checked():
+    with pytest.raises(ValueError, match=r"--fp-target takes ALPHA in \[0, 1\]"):
+        RunConfig(model="m", fp_target=1.5)
+
+
 def test_an_interrupted_fp_target_run_resumes_to_the_uninterrupted_checkpoint(
         four_layers, calib_file, tmp_path, monkeypatch):
     """The FP hidden states are not saved: the resumed run recomputes them from the FP
     layers before it restores the finished ones."""
-    whole = quantize_model(config(four_layers, calib_file, tmp_path / "a", fp_target=True), quiet=True)
-    cfg = config(four_layers, calib_file, tmp_path / "b", fp_target=True)
+    whole = quantize_model(config(four_layers, calib_file, tmp_path / "a", fp_target=0.25), quiet=True)
+    cfg = config(four_layers, calib_file, tmp_path / "b", fp_target=0.25)
     with monkeypatch.context() as m:
         interrupt_at(m, 2)
         with pytest.raises(KeyboardInterrupt):
             quantize_model(cfg, quiet=True)
-    resumed = quantize_model(config(four_layers, calib_file, tmp_path / "b", fp_target=True, resume=True),
+    resumed = quantize_model(config(four_layers, calib_file, tmp_path / "b", fp_target=0.25, resume=True),
                              quiet=True)
     same_run(whole, resumed)

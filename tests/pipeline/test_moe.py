@@ -159,7 +159,7 @@ def test_moe_refuses_what_it_cannot_do(calib_file, tmp_path, monkeypatch):
         calibrate_and_quantize(run_config(calib_file, gguf="Q4_0", init="neuqi"), model, tok,
                                torch.device("cpu"), quiet=True)
     with pytest.raises(ValueError, match="--fp-target applies to dense decoder layers"):
-        calibrate_and_quantize(run_config(calib_file, fp_target=True), model, tok, torch.device("cpu"),
+        calibrate_and_quantize(run_config(calib_file, fp_target=0.25), model, tok, torch.device("cpu"),
                                quiet=True)
     # an experts module in another layout is refused, not quantized wrongly
     monkeypatch.setattr(model.model.layers[0].mlp.experts, "is_transposed", True)

@@ -24,20 +24,20 @@ def test_the_target_is_the_weight_itself_where_the_two_inputs_agree():
 
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10_000), damp=st.sampled_from([1e-3, 0.01, 0.1]),
-       drift=st.floats(0.05, 1.0))
-def test_the_target_minimises_the_fp_output_error_plus_the_damping_term(seed, damp, drift):
-    """``W_t = argmin_V Σ_t ‖W x_fp,t − V x_q,t‖²/T + λ‖V − W‖²`` (λ: the solver's damping),
-    solved independently by least squares on the stacked system."""
+       drift=st.floats(0.05, 1.0), alpha=st.sampled_from([1.0, 0.25]))
+def test_the_target_minimises_the_fp_output_error_plus_the_damping_term(seed, damp, drift, alpha):
+    """``W_t = argmin_V Σ_t ‖W x̃_t − V x_q,t‖²/T + λ‖V − W‖²`` with ``x̃ = x_q + α(x_fp − x_q)``
+    (λ: the solver's damping), solved independently by least squares on the stacked system."""
     W, x_fp, x_q = _inputs(seed, drift=drift)
     T, n = x_q.shape
+    x_mix = x_q + alpha * (x_fp - x_q)  # the inputs on which W's output is matched
     H = x_q.t() @ x_q / T
-    C = x_fp.t() @ x_q / T
     lam = float(damp_hessian(H, damp).diagonal()[0] - H.diagonal()[0])
     A = torch.cat([x_q / T**0.5, lam**0.5 * torch.eye(n, dtype=torch.float64)])
-    B = torch.cat([x_fp @ W.t() / T**0.5, lam**0.5 * W.t()])
+    B = torch.cat([x_mix @ W.t() / T**0.5, lam**0.5 * W.t()])
     expected = torch.linalg.lstsq(A, B).solution.t()
-    got = fp_target_weight(W.float(), H, C, damp)
+    got = fp_target_weight(W.float(), H, x_fp.t() @ x_q / T, damp, alpha)
     assert torch.allclose(got.double(), expected, atol=1e-4, rtol=1e-4)
-    # and it does better on the FP outputs than the weight itself
-    err = lambda V: ((x_fp @ W.t() - x_q @ V.t()) ** 2).mean()  # noqa: E731
+    # and it does better on those outputs than the weight itself
+    err = lambda V: ((x_mix @ W.t() - x_q @ V.t()) ** 2).mean()  # noqa: E731
     assert err(got.double()) < err(W)

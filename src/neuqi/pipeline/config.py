@@ -85,10 +85,11 @@ class QuantConfig:
         "auto", "NeUQI's scale search (--init neuqi): auto (multi-start on groups shorter than 256, "
                 "the exact grid on longer rows) | multistart | banded (the grid around the "
                 "multi-start valleys: faster channel-wise) | patterns | grid")
-    fp_target: bool = option(
-        False, "each linear matches the FP model's output from the quantized model's input "
-               "(E||W x_fp - Q x_q||^2, GPTAQ's asymmetric calibration): the earlier layers' error "
-               "is corrected, not only carried; one more FP pass per layer")
+    fp_target: float = option(
+        0.0, "ALPHA in (0, 1]: each linear matches W's output on x_q + ALPHA (x_fp - x_q) from the "
+             "quantized model's input x_q, so the earlier layers' error is corrected, not only "
+             "carried (1: the FP model's own output; GPTAQ's asymmetric calibration uses 0.25); "
+             "one more FP pass per layer. 0: off")
     act_order: bool = option(True, "process columns in decreasing diag(H) order")
     damp: float = option(DEFAULT_DAMP, "Hessian damping, as a fraction of its mean diagonal")
     gguf: str | None = option(
@@ -139,6 +140,8 @@ class QuantConfig:
             raise ValueError("--nsamples, --seqlen and --batch-size must be positive")
         if self.moe_prior_tokens < 0:
             raise ValueError(f"--moe-prior-tokens must be >= 0, got {self.moe_prior_tokens!r}")
+        if not 0.0 <= self.fp_target <= 1.0:
+            raise ValueError(f"--fp-target takes ALPHA in [0, 1] (0: off), got {self.fp_target!r}")
         if not self.damp > 0:
             raise ValueError(f"--damp must be positive, got {self.damp!r}")
 
@@ -251,7 +254,7 @@ class QuantConfig:
         if self.search != "auto":
             parts.append(f"search-{self.search}")
         if self.fp_target:
-            parts.append("fptarget")
+            parts.append(f"fptarget{self.fp_target:g}")
         if self.magr:
             parts.append("magr" if self.magr_alpha is None else f"magr{self.magr_alpha:g}")
         # Settings that change the result, named only when not the default so that

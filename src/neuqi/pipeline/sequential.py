@@ -254,7 +254,9 @@ def quantize_weight(
     spec, gguf, want = linear_format(weight.shape[1], opts, name)
     if gguf is not want:
         log.info("%s: rows of %d do not fit %s; quantized as %s", name, weight.shape[1], want.name, gguf.name)
-    target = weight.float() if cross is None else fp_target_weight(weight.float(), H, cross, opts.damp)
+    target = weight.float()
+    if cross is not None:
+        target = fp_target_weight(target, H, cross, opts.damp, opts.fp_target)
     res = gptq_quantize(
         target,
         H,

@@ -20,17 +20,20 @@ from torch import Tensor
 from neuqi.quant.gptq import damp_hessian
 
 
-def fp_target_weight(W: Tensor, H: Tensor, C: Tensor, damp: float) -> Tensor:
-    """``W_t = W + W (C − H) H_d⁻¹``: the weights whose output on the quantized inputs
-    best matches ``W``'s on the FP inputs.  ``W: [out, in]``, ``H, C: [in, in]``.
+def fp_target_weight(W: Tensor, H: Tensor, C: Tensor, damp: float, alpha: float = 1.0) -> Tensor:
+    """``W_t = W + α W (C − H) H_d⁻¹``: the weights whose output on the quantized inputs
+    best matches ``W``'s on the inputs ``x_q + α (x_fp − x_q)`` (``α = 1``: the FP
+    model's).  ``W: [out, in]``, ``H, C: [in, in]``.
 
     ``H_d`` is ``H`` damped as the solver damps it (:func:`damp_hessian`).  Written as a
     correction of ``W`` so that it vanishes where the two inputs agree (``C = H``: the
     first layer's first linears), and the damping then adds ``λ‖Ŵ − W‖²`` to the
-    objective: it pulls the target toward ``W``, never toward 0.  Float32 out.
+    objective: it pulls the target toward ``W``, never toward 0.  ``α < 1`` shrinks the
+    correction, which a few thousand calibration tokens estimate noisily in the
+    directions where ``x_q`` varies little (GPTAQ scales it by 0.25).  Float32 out.
     """
     Hd = damp_hessian(H, damp)
     L = torch.linalg.cholesky(Hd)
     # (W (C − H) H_d⁻¹)ᵀ = H_d⁻¹ (C − H)ᵀ Wᵀ, H_d symmetric
     rhs = (C.double() - H.double()).t() @ W.double().t()
-    return (W.double() + torch.cholesky_solve(rhs, L).t()).float()
+    return (W.double() + alpha * torch.cholesky_solve(rhs, L).t()).float()
