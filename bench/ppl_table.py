@@ -79,6 +79,9 @@ METHODS: dict[str, dict] = {
     "NeUQI_int+LDLQ fptarget": {"method": "ldlq", "init": "neuqi_int", "fp_target": 0.25},
     "NeUQI_int+LDLQ norm3 fptarget": {"method": "ldlq", "init": "neuqi_int", "init_norm": 3.0,
                                       "fp_target": 0.25},
+    "NeUQI+LDLQ fptarget0.5": {"method": "ldlq", "init": "neuqi", "fp_target": 0.5},
+    "NeUQI_int+LDLQ clip1 fptarget": {"method": "ldlq", "init": "neuqi_int", "max_clip": 1.0,
+                                      "fp_target": 0.25},
     "GPTQ-minmax fptarget": {"method": "ldlq", "init": "minmax", "fp_target": 0.25},
 }
 _CORE = ["GPTQ-minmax (LDLQ+Hsort)", "NeUQI+LDLQ", "NeUQI_int+LDLQ", "RTN"]
