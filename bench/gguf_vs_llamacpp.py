@@ -15,7 +15,9 @@ Rows per type:
 * ``llama-imatrix``: the same with ``llama-imatrix`` computed on our calibration windows
   (decoded to text, so both tools see the same tokens);
 * ``neuqi``: NeUQI + LDLQ (act-order) under the type, exported with ``neuqi export``;
-* ``rtn``: neuqi's round-to-nearest with min-max block parameters (a control).
+* ``rtn``: neuqi's round-to-nearest with min-max block parameters (a control);
+* ``neuqi-fptarget``: as ``neuqi``, with ``--fp-target 0.25`` (each linear matches the
+  FP model's output, a quarter of the way; docs/algorithms.md).
 
 Quality is measured by ``llama-perplexity`` (``-c ctx``, first ``chunks`` chunks) on
 wiki-sample and brown, and its ``--kl-divergence`` mode against the FP GGUF on
@@ -109,20 +111,28 @@ def parse_type(spec: str) -> tuple[str, dict[str, str]]:
     return base, pairs
 
 
-def neuqi_gguf(model: str, t: str, method: str, init: str, args, work: Path) -> tuple[Path, float, float]:
+# neuqi's rows: (method, init, fp_target)
+NEUQI_ROWS = {"neuqi": ("ldlq", "neuqi", 0.0), "rtn": ("rtn", "minmax", 0.0),
+              "neuqi-fptarget": ("ldlq", "neuqi", 0.25)}
+
+
+def neuqi_gguf(model: str, t: str, method: str, init: str, args, work: Path,
+               fp_target: float = 0.0) -> tuple[Path, float, float]:
     """Quantize with neuqi for type ``t`` and export; returns (file, quantize s, export s)."""
     from neuqi.pipeline.config import RunConfig
 
     base, over = parse_type(t)
     gguf_tensor = ",".join(f"{HF_LINEAR[n]}={ty}" for n, ty in over.items())
     cfg = RunConfig(model=model, gguf=base, gguf_tensor=gguf_tensor, method=method, init=init,
-                    nsamples=args.nsamples, seqlen=args.seqlen, out_dir=str(work / "runs"))
+                    nsamples=args.nsamples, seqlen=args.seqlen, out_dir=str(work / "runs"),
+                    fp_target=fp_target)
     run_dir = work / "runs" / cfg.run_name
-    out = work / f"neuqi-{method}-{init}-{t.replace('+', '-').replace('=', '-')}.gguf"
+    tag = f"-fptarget{fp_target:g}" if fp_target else ""
+    out = work / f"neuqi-{method}-{init}{tag}-{t.replace('+', '-').replace('=', '-')}.gguf"
     q_s = e_s = 0.0
     if not (run_dir / "result.json").exists():
         q_s = timed([*NEUQI, "quantize", model, "--gguf", base, "--gguf-tensor", gguf_tensor,
-                     "--method", method, "--init", init,
+                     "--method", method, "--init", init, "--fp-target", str(fp_target),
                      "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                      "--out-dir", str(work / "runs"), "--eval", "", "-q"], work / f"{out.stem}.quantize.log")
     if not out.exists():
@@ -235,6 +245,8 @@ def main() -> None:
         save()
 
     rows = args.rows.split(",")
+    if bad := [r for r in rows if r not in ("llama", "llama-imatrix", *NEUQI_ROWS)]:
+        raise SystemExit(f"unknown row(s) {bad}; choose llama, llama-imatrix or {', '.join(NEUQI_ROWS)}")
     imatrix = work / "imatrix.gguf"
     if "llama-imatrix" in rows and not imatrix.exists():
         calib = calibration_text(args.model, args.nsamples, args.seqlen, 0, work / "calib.txt")
@@ -259,8 +271,8 @@ def main() -> None:
                         rec["quantize_s"] = time.perf_counter() - t0
                         save()
                 else:
-                    method, init = ("ldlq", "neuqi") if row == "neuqi" else ("rtn", "minmax")
-                    out, q_s, e_s = neuqi_gguf(args.model, t, method, init, args, work)
+                    method, init, fp_target = NEUQI_ROWS[row]
+                    out, q_s, e_s = neuqi_gguf(args.model, t, method, init, args, work, fp_target)
                     if q_s:
                         rec["quantize_s"], rec["export_s"] = q_s, e_s
                         save()
