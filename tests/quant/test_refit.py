@@ -57,7 +57,22 @@ def test_float_refit_is_the_least_squares_optimum(n, group, bits, seed):
     # that row keeps its old parameters
     kept = (fit.scale == p.scale).all(1)
     assert torch.allclose(got[~kept], ref[~kept], rtol=1e-3, atol=1e-8)
-    assert kept.float().mean() < 0.5
+
+
+def test_float_refit_reaches_the_optimum_on_every_row_of_a_well_posed_layer():
+    """The property test above lets a row with an ill-posed group keep its parameters; how
+    many rows that hits depends on the drawn shapes (hypothesis found 3 of 6 at 2-bit,
+    groups of 4).  Here no group is ill-posed, so every row must be refitted."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    H = random_hessian(64, seed=0) + 1e-3 * torch.eye(64)
+    spec = QuantSpec(3, 16)
+    p = init_params(w, spec, "minmax")
+    codes = quantize(w, p, spec)
+    fit = refit_params(codes, w, H, spec, p, int_zero=False)
+    assert not (fit.scale == p.scale).all(1).any()
+    got = row_losses(w, dequantize(codes, fit, spec), H)
+    assert torch.allclose(got, lstsq_reference(codes, w, H, spec), rtol=1e-3, atol=1e-8)
 
 
 def test_integer_refit_keeps_whole_zeros_and_never_loses():
