@@ -111,28 +111,34 @@ def parse_type(spec: str) -> tuple[str, dict[str, str]]:
     return base, pairs
 
 
-# neuqi's rows: (method, init, fp_target)
-NEUQI_ROWS = {"neuqi": ("ldlq", "neuqi", 0.0), "rtn": ("rtn", "minmax", 0.0),
-              "neuqi-fptarget": ("ldlq", "neuqi", 0.25)}
+# neuqi's rows: the options of each (RunConfig fields; method and init are required)
+NEUQI_ROWS: dict[str, dict] = {
+    "neuqi": {"method": "ldlq", "init": "neuqi"},
+    "rtn": {"method": "rtn", "init": "minmax"},
+    "neuqi-fptarget": {"method": "ldlq", "init": "neuqi", "fp_target": 0.25},
+    "neuqi-damp0.1": {"method": "ldlq", "init": "neuqi", "damp": 0.1},
+    "neuqi-damp0.1-cd3": {"method": "ldlq", "init": "neuqi", "damp": 0.1, "descent": 3},
+    "neuqi-damp0.1-cd3-refit2": {"method": "ldlq", "init": "neuqi", "damp": 0.1, "descent": 3, "refit": 2},
+}
 
 
-def neuqi_gguf(model: str, t: str, method: str, init: str, args, work: Path,
-               fp_target: float = 0.0) -> tuple[Path, float, float]:
-    """Quantize with neuqi for type ``t`` and export; returns (file, quantize s, export s)."""
+def neuqi_gguf(model: str, t: str, row: str, args, work: Path) -> tuple[Path, float, float]:
+    """Quantize with neuqi for type ``t`` with row ``row``'s options and export;
+    returns (file, quantize s, export s)."""
     from neuqi.pipeline.config import RunConfig
 
+    opts = NEUQI_ROWS[row]
     base, over = parse_type(t)
     gguf_tensor = ",".join(f"{HF_LINEAR[n]}={ty}" for n, ty in over.items())
-    cfg = RunConfig(model=model, gguf=base, gguf_tensor=gguf_tensor, method=method, init=init,
-                    nsamples=args.nsamples, seqlen=args.seqlen, out_dir=str(work / "runs"),
-                    fp_target=fp_target)
+    cfg = RunConfig(model=model, gguf=base, gguf_tensor=gguf_tensor, nsamples=args.nsamples,
+                    seqlen=args.seqlen, out_dir=str(work / "runs"), **opts)
     run_dir = work / "runs" / cfg.run_name
-    tag = f"-fptarget{fp_target:g}" if fp_target else ""
-    out = work / f"neuqi-{method}-{init}{tag}-{t.replace('+', '-').replace('=', '-')}.gguf"
+    tag = "".join(f"-{k.replace('_', '')}{v:g}" for k, v in opts.items() if k not in ("method", "init"))
+    out = work / f"neuqi-{opts['method']}-{opts['init']}{tag}-{t.replace('+', '-').replace('=', '-')}.gguf"
+    flags = [a for k, v in opts.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     q_s = e_s = 0.0
     if not (run_dir / "result.json").exists():
-        q_s = timed([*NEUQI, "quantize", model, "--gguf", base, "--gguf-tensor", gguf_tensor,
-                     "--method", method, "--init", init, "--fp-target", str(fp_target),
+        q_s = timed([*NEUQI, "quantize", model, "--gguf", base, "--gguf-tensor", gguf_tensor, *flags,
                      "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                      "--out-dir", str(work / "runs"), "--eval", "", "-q"], work / f"{out.stem}.quantize.log")
     if not out.exists():
@@ -271,8 +277,7 @@ def main() -> None:
                         rec["quantize_s"] = time.perf_counter() - t0
                         save()
                 else:
-                    method, init, fp_target = NEUQI_ROWS[row]
-                    out, q_s, e_s = neuqi_gguf(args.model, t, method, init, args, work, fp_target)
+                    out, q_s, e_s = neuqi_gguf(args.model, t, row, args, work)
                     if q_s:
                         rec["quantize_s"], rec["export_s"] = q_s, e_s
                         save()

@@ -83,6 +83,19 @@ METHODS: dict[str, dict] = {
     "NeUQI_int+LDLQ clip1 fptarget": {"method": "ldlq", "init": "neuqi_int", "max_clip": 1.0,
                                       "fp_target": 0.25},
     "GPTQ-minmax fptarget": {"method": "ldlq", "init": "minmax", "fp_target": 0.25},
+    # Stronger damping (a regulariser on 16k calibration tokens) and coordinate descent
+    # on the codes after every solve.
+    "NeUQI+LDLQ fptarget damp0.1": {"method": "ldlq", "init": "neuqi", "fp_target": 0.25, "damp": 0.1},
+    "NeUQI+LDLQ fptarget damp0.1 cd3": {"method": "ldlq", "init": "neuqi", "fp_target": 0.25, "damp": 0.1,
+                                        "descent": 3},
+    "NeUQI_int+LDLQ fptarget damp0.1": {"method": "ldlq", "init": "neuqi_int", "fp_target": 0.25,
+                                        "damp": 0.1},
+    "NeUQI_int+LDLQ fptarget damp0.1 cd3": {"method": "ldlq", "init": "neuqi_int", "fp_target": 0.25,
+                                            "damp": 0.1, "descent": 3},
+    "NeUQI_int+LDLQ norm3 fptarget damp0.1 cd3": {"method": "ldlq", "init": "neuqi_int", "init_norm": 3.0,
+                                                  "fp_target": 0.25, "damp": 0.1, "descent": 3},
+    "NeUQI_int+LDLQ clip1 fptarget damp0.1 cd3": {"method": "ldlq", "init": "neuqi_int", "max_clip": 1.0,
+                                                  "fp_target": 0.25, "damp": 0.1, "descent": 3},
 }
 _CORE = ["GPTQ-minmax (LDLQ+Hsort)", "NeUQI+LDLQ", "NeUQI_int+LDLQ", "RTN"]
 # (bits, group size, label) in the order they run: the comparisons that matter

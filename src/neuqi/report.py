@@ -55,6 +55,8 @@ def method_label(cfg: dict) -> str:
         label += f" select({cfg['select']})"
     if cfg.get("refit"):
         label += f" refit{cfg['refit']}"
+    if cfg.get("descent"):
+        label += f" cd{cfg['descent']}"
     if cfg.get("init_norm", 2.0) != 2.0:
         label += f" norm{cfg['init_norm']:g}"
     if cfg.get("h_power", 1.0) != 1.0:
@@ -63,6 +65,8 @@ def method_label(cfg: dict) -> str:
         label += f" search-{cfg['search']}"
     if cfg.get("fp_target"):
         label += f" fp-target{cfg['fp_target']:g}"
+    if cfg.get("damp", 0.01) != 0.01:
+        label += f" damp{cfg['damp']:g}"
     if cfg.get("distilled"):
         label += "+distill"
     return label

@@ -11,6 +11,8 @@ the F32 GGUF of the same float model.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import neuqi
@@ -74,3 +76,28 @@ def test_llamacpp_runs_our_kquant_file_as_we_do(tiny256, gguf_type):
     assert ours["kl_mean"] < 2 * fp["kl_mean"]
     if cfg.gguf_type.bits <= 3:  # the file is the quantized model, not the FP one
         assert ours["kl_mean"] < 0.5 * q_vs_fp["kl_mean"]
+
+
+@pytest.mark.parametrize("gguf_type", ["Q2_K", "Q3_K", "Q4_K"])
+def test_refit_and_descent_write_what_the_type_stores(tiny256, gguf_type):
+    """The refit moves the parameters and the descent the codes after LDLQ; both must
+    land on what the file stores (the export decodes every tensor bit for bit), and the
+    first layer, whose inputs both runs share, must not end worse (the descent minimises
+    the damped loss the solver uses, so the recorded undamped one may differ by a hair)."""
+    folder, source, _, calib, work, _, _ = tiny256
+    runs = {}
+    for extra in ({}, {"refit": 2, "descent": 2}):
+        cfg = RunConfig(model=str(folder), gguf=gguf_type, method="ldlq", init="neuqi", nsamples=4, seqlen=64,
+                        calib=str(calib), out_dir=str(work / "runs-refit"), device="cpu", **extra)
+        runs[bool(extra)] = quantize_model(cfg, quiet=True)
+    out = work / f"{gguf_type}.refit.gguf"
+    res = export_run(runs[True], "gguf", out, gguf_options={"source": source})
+    assert res["ok"] and res["bit_exact"] and res["linear_types"] == {gguf_type: 14}
+
+    def first_layer(run):
+        layers = json.loads((run / "result.json").read_text())["layers"]
+        return {s["name"]: s["quant_loss"] for s in layers if ".0." in s["name"]}
+
+    plain, better = first_layer(runs[False]), first_layer(runs[True])
+    assert plain and all(better[k] <= plain[k] * (1 + 1e-3) for k in plain)
+    assert sum(better.values()) < sum(plain.values())

@@ -176,7 +176,7 @@ def test_run_names_carry_every_setting_that_changes_the_result(calib_file, tmp_p
              "bf16": name(dtype="bfloat16"), "refit": name(refit=2),
              "select": name(init="neuqi_int", select="mse,minmax,mse"),
              "int": name(init="neuqi_int"), "hpow": name(h_power=0.5),
-             "search": name(search="banded")}
+             "search": name(search="banded"), "cd": name(descent=2)}
     other = tmp_path / "other" / calib_file.name  # same file name, other text
     other.parent.mkdir()
     other.write_text("different calibration text " * 50)
@@ -186,6 +186,7 @@ def test_run_names_carry_every_setting_that_changes_the_result(calib_file, tmp_p
     assert names["bf16"].endswith(".bf16") and ".magr0.001" in names["alpha"]
     assert names["refit"].endswith(".refit2") and names["select"].endswith(".sel-mse-minmax")
     assert names["hpow"].endswith(".hpow0.5") and names["search"].endswith(".search-banded")
+    assert names["cd"].endswith(".cd2")
     # what the run records says the same as its name
     typed = tiny_config(tmp_path / "m", calib_file, tmp_path / "runs", init="neuqi_int",
                         select="mse, minmax,mse")
@@ -196,6 +197,9 @@ def test_run_names_carry_every_setting_that_changes_the_result(calib_file, tmp_p
 
 @pytest.mark.parametrize("kw, msg", [
     ({"refit": -1}, ">= 0"),
+    ({"descent": -1}, "--descent must be >= 0"),
+    ({"descent": 1, "method": "rtn", "init": "minmax"}, "--descent needs a solver"),
+    ({"gguf": "Q4_1", "init": "neuqi", "select": "minmax"}, "--select is not available with GGUF"),
     ({"select": "minmax,bogus", "init": "neuqi_int"}, "choose from"),
     ({"select": "minmax"}, "mix float and integer"),
     ({"refit": 2, "method": "rtn", "init": "minmax"}, "need a solver \\(--method"),

@@ -1,5 +1,6 @@
 """The FP-output target (``--fp-target``): the closed form against least squares."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -41,3 +42,16 @@ def test_the_target_minimises_the_fp_output_error_plus_the_damping_term(seed, da
     # and it does better on those outputs than the weight itself
     err = lambda V: ((x_mix @ W.t() - x_q @ V.t()) ** 2).mean()  # noqa: E731
     assert err(got.double()) < err(W)
+
+
+def test_a_singular_h_is_damped_further_as_the_solver_does():
+    """A rank-deficient H that the asked damping cannot factor: the target raises the
+    damping tenfold (as the solver's factorisation does) instead of failing."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 16).double()  # 8 tokens, 16 inputs: rank 8
+    H = x.T @ x / 8
+    W = torch.randn(4, 16)
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(H)
+    Wt = fp_target_weight(W, H, H + 0.01 * torch.eye(16, dtype=torch.float64), damp=0.0, alpha=0.5)
+    assert torch.isfinite(Wt).all() and not torch.equal(Wt, W)

@@ -53,7 +53,7 @@ def option(default, help: str, *flags: str):
 # gptq_quantize's argument -> the flag a CLI user knows it by (for its error messages)
 CLI_NAMES = {"init": "--init", "algorithm": "--method", "also_inits": "--select", "refit": "--refit",
              "h_power": "--h-power", "init_norm": "--init-norm", "max_clip": "--max-clip",
-             "search": "--search"}
+             "search": "--search", "descent": "--descent"}
 
 
 @dataclass
@@ -81,6 +81,9 @@ class QuantConfig:
     init_norm: float = option(
         2.0, "neuqi, neuqi_int: the init minimises Σ diag(H)·|w − ŵ|^NORM (2: the paper's squared error; "
              "3 weighs the large, clipped errors that LDLQ's feedback cannot make up)")
+    descent: int = option(
+        0, "coordinate-descent sweeps over the codes after every solve: each code moves to the "
+           "grid point that minimises its row's output error given all the others (0: off)")
     search: str = option(
         "auto", "NeUQI's scale search (--init neuqi): auto (multi-start on groups shorter than 256, "
                 "the exact grid on longer rows) | multistart | banded (the grid around the "
@@ -134,7 +137,7 @@ class QuantConfig:
         check_solver_options(init=self.init, algorithm=self.method, gguf=self.gguf is not None,
                              also_inits=self.also_inits, refit=self.refit, h_power=self.h_power,
                              init_norm=self.init_norm, max_clip=self.max_clip,
-                             search=self.neuqi_search, names=CLI_NAMES)
+                             search=self.neuqi_search, names=CLI_NAMES, descent=self.descent)
         self.select = ",".join(self.also_inits)  # as the run name says it: no repeats, no main init
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("--nsamples, --seqlen and --batch-size must be positive")
@@ -247,6 +250,8 @@ class QuantConfig:
             parts.append("sel-" + "-".join(self.also_inits))
         if self.refit:
             parts.append(f"refit{self.refit}")
+        if self.descent:
+            parts.append(f"cd{self.descent}")
         if self.init_norm != 2.0:
             parts.append(f"norm{self.init_norm:g}")
         if self.h_power != 1.0:

@@ -117,32 +117,27 @@ def capture_layer_inputs(
 
 
 class HessianAccumulator:
-    """``H = Σ x xᵀ / tokens`` over the inputs a linear sees (float64 accumulation)."""
+    """``H = Σ x xᵀ / tokens`` over the inputs a linear sees (float64 accumulation);
+    with :meth:`add_pair` the cross moment ``C = Σ a bᵀ / tokens`` of two inputs seen
+    token by token (``--fp-target``'s ``E[x_fp x_qᵀ]``)."""
 
     def __init__(self, n: int, device: torch.device) -> None:
         self.H = torch.zeros(n, n, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add(self, x: Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.H += (x.t() @ x).double()
-        self.tokens += x.shape[0]
+        self.add_pair(x, x)
+
+    def add_pair(self, a: Tensor, b: Tensor) -> None:
+        a = a.reshape(-1, a.shape[-1]).float()
+        b = b.reshape(-1, b.shape[-1]).float()
+        self.H += (a.t() @ b).double()
+        self.tokens += b.shape[0]
 
     def mean(self) -> Tensor:
         if self.tokens == 0:
             raise RuntimeError("no calibration tokens reached this layer")
         return self.H / self.tokens
-
-
-class CrossAccumulator(HessianAccumulator):
-    """``C = Σ x_fp x_qᵀ / tokens``: the FP model's input to a linear against the
-    quantized model's, token by token (``--fp-target``)."""
-
-    def add_pair(self, x_fp: Tensor, x_q: Tensor) -> None:
-        x_fp = x_fp.reshape(-1, x_fp.shape[-1]).float()
-        x_q = x_q.reshape(-1, x_q.shape[-1]).float()
-        self.H += (x_fp.t() @ x_q).double()
-        self.tokens += x_q.shape[0]
 
 
 @torch.no_grad()
@@ -181,7 +176,7 @@ def group_statistics(
     if fp_inputs is None:
         return group_hessian(layer, first_linear, batches), None
     acc = HessianAccumulator(first_linear.in_features, batches[0].hidden.device)
-    cross = CrossAccumulator(first_linear.in_features, batches[0].hidden.device)
+    cross = HessianAccumulator(first_linear.in_features, batches[0].hidden.device)
     fp = iter(fp_inputs)
 
     def record(args, kwargs) -> None:
@@ -272,6 +267,7 @@ def quantize_weight(
         gguf=gguf,
         also_inits=opts.also_inits,
         refit=opts.refit,
+        descent=opts.descent,
         h_power=opts.h_power,
         init_norm=opts.init_norm,
         search=opts.neuqi_search,

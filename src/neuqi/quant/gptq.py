@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from neuqi.quant.descent import descend_codes
+from neuqi.quant.gguf_refit import gguf_refit
 from neuqi.quant.gguf_types import GGUFType, gguf_params
 from neuqi.quant.grid import QuantParams, QuantSpec, check_finite, check_weight, dequantize
 from neuqi.quant.init import InitMethod, check_init_norm, check_max_clip, check_search, init_params
@@ -60,28 +62,19 @@ def _damped_diag64(H: Tensor, damp: float) -> Tensor:
     return diag
 
 
-def _factor(H: Tensor, damp: float, algorithm: str, max_tries: int = 8) -> tuple[Tensor, float]:
-    """Damp and factor H, raising the damping tenfold until the factorisation succeeds.
+def with_damping(fn, H: Tensor, damp: float, max_tries: int = 8) -> tuple[Tensor, float]:
+    """``fn(H damped)``, raising the damping tenfold until it gives a finite result.
 
-    Returns ``(F, damp_used)``: for GPTQ the upper Cholesky factor of ``H⁻¹``; for LDLQ
-    the unit upper triangular ``U`` of ``H = U D Uᵀ``.
+    Returns ``(fn's result, damp_used)``.  ``fn`` factors (it may raise
+    ``LinAlgError``); every caller that factors a damped H goes through here, so a
+    near-singular H is steadied the same way everywhere.
     """
-    # Every n×n float64 intermediate is dropped as soon as the next exists: at
-    # n = 4864 (a 0.5B model's down_proj) each is 190 MB, and holding all five
-    # made this the largest transient of a layer (+0.9 GB).
     d = damp
     for _ in range(max_tries):
         try:
-            if algorithm == "gptq":
-                F = torch.linalg.cholesky(damp_hessian(H, d))
-                F = torch.cholesky_inverse(F)
-                F = torch.linalg.cholesky(F, upper=True)
-            else:
-                # Cholesky of the flipped matrix gives an upper factor R with H = R Rᵀ.
-                F = torch.linalg.cholesky(damp_hessian(H, d).flip(0, 1)).flip(0, 1)
-                F /= torch.diagonal(F).clone()[None, :]
+            F = fn(damp_hessian(H, d))
             if torch.isfinite(F).all():
-                return F.float(), d
+                return F, d
         except torch.linalg.LinAlgError:
             pass
         d = d * 10 if d > 0 else 1e-6
@@ -89,6 +82,29 @@ def _factor(H: Tensor, damp: float, algorithm: str, max_tries: int = 8) -> tuple
         f"H could not be factorised even with damping {d / 10:g}; the calibration "
         f"activations may be degenerate (try more samples or a larger --damp)"
     )
+
+
+def _factor(H: Tensor, damp: float, algorithm: str, max_tries: int = 8) -> tuple[Tensor, float]:
+    """Damp and factor H (:func:`with_damping`).
+
+    Returns ``(F, damp_used)``: for GPTQ the upper Cholesky factor of ``H⁻¹``; for LDLQ
+    the unit upper triangular ``U`` of ``H = U D Uᵀ``.
+    """
+    # Every n×n float64 intermediate is dropped as soon as the next exists: at
+    # n = 4864 (a 0.5B model's down_proj) each is 190 MB, and holding all five
+    # made this the largest transient of a layer (+0.9 GB).
+    def factor(Hd: Tensor) -> Tensor:
+        if algorithm == "gptq":
+            F = torch.linalg.cholesky(Hd)
+            F = torch.cholesky_inverse(F)
+            return torch.linalg.cholesky(F, upper=True)
+        # Cholesky of the flipped matrix gives an upper factor R with H = R Rᵀ.
+        F = torch.linalg.cholesky(Hd.flip(0, 1)).flip(0, 1)
+        F /= torch.diagonal(F).clone()[None, :]
+        return F
+
+    F, d = with_damping(factor, H, damp, max_tries)
+    return F.float(), d
 
 
 def _quant_col(w: Tensor, s: Tensor, z: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
@@ -159,13 +175,13 @@ def check_hessian(H: Tensor, n_in: int) -> None:
 def check_solver_options(
     *, init: str, algorithm: str, gguf: bool, also_inits: tuple[str, ...] | list[str], refit: int,
     h_power: float, init_norm: float, max_clip: float | None, search: str | None = None,
-    names: dict[str, str] | None = None,
+    names: dict[str, str] | None = None, descent: int = 0,
 ) -> None:
     """Refuse option combinations :func:`gptq_quantize` cannot honour (one source of
     truth for the API and the CLI). ``names`` words the options as the caller's user
     knows them (e.g. ``{"also_inits": "--select"}``); by default the arguments' names."""
     n = {k: k for k in ("init", "algorithm", "also_inits", "refit", "h_power", "init_norm", "max_clip",
-                        "search")}
+                        "search", "descent")}
     n |= names or {}
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown {n['algorithm']} {algorithm!r}; choose one of {ALGORITHMS}")
@@ -173,11 +189,17 @@ def check_solver_options(
         raise ValueError(f"{n['max_clip']} is not available with GGUF types")
     if (why := check_max_clip(max_clip, init, init_norm)) is not None:
         raise ValueError(f"{n['max_clip']}: {why}")
-    if (also_inits or refit) and (gguf or algorithm == "rtn"):
-        raise ValueError(f"{n['also_inits']} and {n['refit']} need a solver ({n['algorithm']} gptq "
-                         "or ldlq) and no GGUF type")
+    if (also_inits or refit) and algorithm == "rtn":
+        raise ValueError(f"{n['also_inits']} and {n['refit']} need a solver ({n['algorithm']} gptq or ldlq)")
+    if also_inits and gguf:
+        raise ValueError(f"{n['also_inits']} is not available with GGUF types (its candidates are not "
+                         f"representable); {n['refit']} is")
     if refit < 0:
         raise ValueError(f"{n['refit']} must be >= 0 rounds, got {refit!r}")
+    if descent < 0:
+        raise ValueError(f"{n['descent']} must be >= 0 sweeps, got {descent!r}")
+    if descent and algorithm == "rtn":
+        raise ValueError(f"{n['descent']} needs a solver ({n['algorithm']} gptq or ldlq)")
     if not 0 <= h_power <= 4:
         raise ValueError(f"{n['h_power']} must be in [0, 4], got {h_power!r}")
     if (why := check_init_norm(init_norm, init)) is not None:
@@ -216,6 +238,7 @@ def gptq_quantize(
     h_power: float = 1.0,
     init_norm: float = 2.0,
     search: str | None = None,
+    descent: int = 0,
 ) -> GPTQResult:
     """Quantize ``w: [out, in]`` against the second-moment matrix ``H: [in, in]``.
 
@@ -247,7 +270,11 @@ def gptq_quantize(
       least squares on the full H (:func:`~neuqi.quant.refit.refit_params`), solve
       again with them, keep per row the best of (old, refit with old codes, refit
       with new codes).  Stops early when a round gains less than ``refit_tol`` of
-      the loss.  Integer-zero inits keep integer zeros.
+      the loss.  Integer-zero inits keep integer zeros; a GGUF type's refit lands
+      on what the type stores (:func:`~neuqi.quant.gguf_refit.gguf_refit`).
+    * ``descent`` — this many coordinate-descent sweeps over the codes after every
+      solve (:func:`~neuqi.quant.descent.descend_codes`), on the damped H the solver
+      used; the grid stays as chosen, so any format can take it.
     """
     check_weight(w)
     check_hessian(H, w.shape[1])
@@ -258,7 +285,7 @@ def gptq_quantize(
                              f"not {spec.bits}-bit groups of {spec.group_size}")
     check_solver_options(init=init, algorithm=algorithm, gguf=gguf is not None, also_inits=also_inits,
                          refit=refit, h_power=h_power, init_norm=init_norm, max_clip=max_clip,
-                         search=search)
+                         search=search, descent=descent)
     t0 = time.perf_counter()
     device = w.device
     W = w.float().clone()
@@ -298,12 +325,15 @@ def gptq_quantize(
         idx = perm if perm is not None else torch.arange(n, device=device)
         # one gather, and the permuted copy lives only through the factorisation
         F, damp_used = _factor(H[idx[:, None], idx], damp, algorithm)
+        H_damped = damp_hessian(H, damp_used) if descent else None
 
         def solve(p: QuantParams) -> Tensor:
             S, Z = p.expand(spec, n)
             codes = torch.empty_like(W)
             codes[:, idx] = _solve(W.t()[idx], F, S.t()[idx], Z.t()[idx], spec.maxq, algorithm,
                                    block_size).t()
+            if descent:
+                codes = descend_codes(W, codes, p, spec, H_damped, descent)
             return codes
 
         codes = solve(params)
@@ -311,10 +341,18 @@ def gptq_quantize(
             def prepare(p: QuantParams) -> QuantParams:
                 return round_params(p, param_dtype) if param_dtype is not None else p
 
+            H64 = H.double()
+            if gguf is not None:
+                def refit_fn(c: Tensor, p: QuantParams) -> QuantParams:
+                    return gguf_refit(c, W, H64, gguf, p)
+            else:
+                def refit_fn(c: Tensor, p: QuantParams) -> QuantParams:
+                    return prepare(refit_params(c, W, H64, spec, p, init != "neuqi"))
+
             params, codes, extra = _improve(
-                W, H.double(), spec, params, codes, solve,
+                W, H64, spec, params, codes, solve,
                 [prepare(init_params(W, spec, m, h_diag)) for m in also_inits],
-                refit, refit_tol, int_zero=init != "neuqi", prepare=prepare)
+                refit, refit_tol, refit_fn)
     t_solve = time.perf_counter()
     codes = codes.to(torch.uint8)
     W_hat = dequantize(codes, params, spec)
@@ -330,17 +368,19 @@ def gptq_quantize(
     return GPTQResult(codes=codes, params=params, perm=perm, g_idx=g_idx, stats=stats)
 
 
-def _improve(W, H, spec, params, codes, solve, candidates, rounds, tol, *, int_zero, prepare):
+def _improve(W, H, spec, params, codes, solve, candidates, rounds, tol, refit_fn):
     """Per-row selection among candidate inits, then refit rounds (see gptq_quantize).
 
-    Returns ``(params, codes, stats)``; the loss of every row only ever falls.
+    ``refit_fn(codes, params)`` proposes parameters for the codes.  Returns
+    ``(params, codes, stats)``; the loss of every row only ever falls.
     """
     def losses(c: Tensor, p: QuantParams) -> Tensor:
         return row_losses(W, dequantize(c, p, spec), H)
 
     def pick(take: Tensor, a: QuantParams, b: QuantParams) -> QuantParams:
         t = take[:, None]
-        return QuantParams(torch.where(t, b.scale, a.scale), torch.where(t, b.zero, a.zero))
+        off = None if a.offset is None else torch.where(t, b.offset, a.offset)
+        return QuantParams(torch.where(t, b.scale, a.scale), torch.where(t, b.zero, a.zero), off)
 
     loss = losses(codes, params)
     stats = {"proxy_loss_first": float(loss.sum())}
@@ -353,7 +393,7 @@ def _improve(W, H, spec, params, codes, solve, candidates, rounds, tol, *, int_z
     stats["proxy_loss_selected"] = float(loss.sum())
     done = 0
     for _ in range(rounds):
-        p = prepare(refit_params(codes, W, H, spec, params, int_zero))
+        p = refit_fn(codes, params)
         fit = losses(codes, p)
         c = solve(p)
         new = losses(c, p)

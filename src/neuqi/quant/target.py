@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from neuqi.quant.gptq import damp_hessian
+from neuqi.quant.gptq import with_damping
 
 
 def fp_target_weight(W: Tensor, H: Tensor, C: Tensor, damp: float, alpha: float = 1.0) -> Tensor:
@@ -25,15 +25,15 @@ def fp_target_weight(W: Tensor, H: Tensor, C: Tensor, damp: float, alpha: float 
     best matches ``W``'s on the inputs ``x_q + α (x_fp − x_q)`` (``α = 1``: the FP
     model's).  ``W: [out, in]``, ``H, C: [in, in]``.
 
-    ``H_d`` is ``H`` damped as the solver damps it (:func:`damp_hessian`).  Written as a
+    ``H_d`` is ``H`` damped as the solver damps it (:func:`with_damping`: more where it
+    cannot be factorised at ``damp``).  Written as a
     correction of ``W`` so that it vanishes where the two inputs agree (``C = H``: the
     first layer's first linears), and the damping then adds ``λ‖Ŵ − W‖²`` to the
     objective: it pulls the target toward ``W``, never toward 0.  ``α < 1`` shrinks the
     correction, which a few thousand calibration tokens estimate noisily in the
     directions where ``x_q`` varies little (GPTAQ scales it by 0.25).  Float32 out.
     """
-    Hd = damp_hessian(H, damp)
-    L = torch.linalg.cholesky(Hd)
+    L, _ = with_damping(torch.linalg.cholesky, H, damp)
     # (W (C − H) H_d⁻¹)ᵀ = H_d⁻¹ (C − H)ᵀ Wᵀ, H_d symmetric
     rhs = (C.double() - H.double()).t() @ W.double().t()
     return (W.double() + alpha * torch.cholesky_solve(rhs, L).t()).float()
