@@ -92,6 +92,8 @@ METHODS: dict[str, dict] = {
                                         "damp": 0.1},
     "NeUQI_int+LDLQ fptarget damp0.1 cd3": {"method": "ldlq", "init": "neuqi_int", "fp_target": 0.25,
                                             "damp": 0.1, "descent": 3},
+    "NeUQI_int+LDLQ norm3 fptarget damp0.1": {"method": "ldlq", "init": "neuqi_int", "init_norm": 3.0,
+                                              "fp_target": 0.25, "damp": 0.1},
     "NeUQI_int+LDLQ norm3 fptarget damp0.1 cd3": {"method": "ldlq", "init": "neuqi_int", "init_norm": 3.0,
                                                   "fp_target": 0.25, "damp": 0.1, "descent": 3},
     "NeUQI_int+LDLQ clip1 fptarget damp0.1 cd3": {"method": "ldlq", "init": "neuqi_int", "max_clip": 1.0,
