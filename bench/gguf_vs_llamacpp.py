@@ -118,6 +118,7 @@ NEUQI_ROWS: dict[str, dict] = {
     "neuqi-fptarget": {"method": "ldlq", "init": "neuqi", "fp_target": 0.25},
     "neuqi-damp0.1": {"method": "ldlq", "init": "neuqi", "damp": 0.1},
     "neuqi-damp0.1-cd3": {"method": "ldlq", "init": "neuqi", "damp": 0.1, "descent": 3},
+    "neuqi-damp0.3-cd3": {"method": "ldlq", "init": "neuqi", "damp": 0.3, "descent": 3},
     "neuqi-damp0.1-cd3-refit2": {"method": "ldlq", "init": "neuqi", "damp": 0.1, "descent": 3, "refit": 2},
 }
 
