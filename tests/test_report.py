@@ -38,6 +38,9 @@ def test_method_labels():
     assert method_label({"method": "ldlq", "init": "neuqi"}) == "NeUQI+LDLQ"
     assert method_label({"method": "rtn", "init": "minmax"}) == "RTN-minmax"
     assert method_label({"method": "ldlq", "init": "minmax", "magr": True}) == "MagR+LDLQ-minmax"
+    assert method_label({"method": "ldlq", "init": "neuqi_int", "descent": 3, "damp": 0.1}) == \
+        "NeUQI_int+LDLQ cd3 damp0.1"
+    assert method_label({"method": "ldlq", "init": "neuqi", "damp": 0.01}) == "NeUQI+LDLQ"
     assert method_label({"method": "ldlq", "init": "neuqi", "max_clip": 1.0}) == "NeUQI+LDLQ clip1"
     assert method_label({"method": "ldlq", "init": "neuqi", "max_clip": None}) == "NeUQI+LDLQ"
     assert method_label({"method": "fp", "bits": 16}) == "FP"

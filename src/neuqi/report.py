@@ -65,7 +65,7 @@ def method_label(cfg: dict) -> str:
         label += f" search-{cfg['search']}"
     if cfg.get("fp_target"):
         label += f" fp-target{cfg['fp_target']:g}"
-    if cfg.get("damp", 0.01) != 0.01:
+    if cfg.get("damp", 0.01) != 0.01:  # QuantConfig's default damping
         label += f" damp{cfg['damp']:g}"
     if cfg.get("distilled"):
         label += "+distill"
