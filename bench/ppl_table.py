@@ -96,6 +96,8 @@ METHODS: dict[str, dict] = {
                                               "fp_target": 0.25, "damp": 0.1},
     "NeUQI_int+LDLQ norm3 fptarget damp0.1 cd3": {"method": "ldlq", "init": "neuqi_int", "init_norm": 3.0,
                                                   "fp_target": 0.25, "damp": 0.1, "descent": 3},
+    "NeUQI_int+LDLQ clip1 fptarget damp0.1": {"method": "ldlq", "init": "neuqi_int", "max_clip": 1.0,
+                                              "fp_target": 0.25, "damp": 0.1},
     "NeUQI_int+LDLQ clip1 fptarget damp0.1 cd3": {"method": "ldlq", "init": "neuqi_int", "max_clip": 1.0,
                                                   "fp_target": 0.25, "damp": 0.1, "descent": 3},
 }
