@@ -12,6 +12,7 @@ from pathlib import Path
 
 from neuqi.extras import require
 from neuqi.io_utils import atomic_path, atomic_write_text
+from neuqi.pipeline.config import DEFAULT_DAMP
 
 
 def collect(paths: list[Path]) -> list[dict]:
@@ -65,7 +66,7 @@ def method_label(cfg: dict) -> str:
         label += f" search-{cfg['search']}"
     if cfg.get("fp_target"):
         label += f" fp-target{cfg['fp_target']:g}"
-    if cfg.get("damp", 0.01) != 0.01:  # QuantConfig's default damping
+    if cfg.get("damp", DEFAULT_DAMP) != DEFAULT_DAMP:
         label += f" damp{cfg['damp']:g}"
     if cfg.get("distilled"):
         label += "+distill"

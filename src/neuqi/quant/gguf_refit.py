@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from neuqi.quant.gguf_types import GGUFType, _fp16, _fp16_step
+from neuqi.quant.gguf_types import GGUFType, _fp16, _fp16_step, keep_lower
 from neuqi.quant.grid import QuantParams
 from neuqi.quant.kquants import D_FACTORS, DMIN_FACTORS, scale_levels
-from neuqi.quant.refit import _int_scales, _normal_blocks, _solve
+from neuqi.quant.refit import _float_fit, _int_scales, _normal_blocks
 
 # Rows per chunk are chosen so one chunk's normal matrices stay near this many bytes.
 CHUNK_BYTES = 256 << 20
@@ -48,11 +48,9 @@ def _targets(codes: Tensor, W: Tensor, H: Tensor, t: GGUFType, params: QuantPara
     s0 = params.scale.double()
     diag = torch.diagonal
     if t.asymmetric:
-        K = torch.cat([torch.cat([Mqq, Mq1], 2),
-                       torch.cat([Mq1.transpose(1, 2), M11.expand(out, G, G)], 2)], 1)
-        x = _solve(K, torch.cat([bq, b1], 1), torch.cat([s0, params.offset.double()], 1))
+        a, c = _float_fit(Mqq, Mq1, M11, bq, b1, s0, params.offset.double())
         kcc = diag(M11).expand(out, G)
-        return x[:, :G], x[:, G:], diag(Mqq, dim1=1, dim2=2), diag(Mq1, dim1=1, dim2=2), kcc
+        return a, c, diag(Mqq, dim1=1, dim2=2), diag(Mq1, dim1=1, dim2=2), kcc
     z = params.zero.double()
     a, _ = _int_scales(Mqq, Mq1, M11, bq, b1, z, s0)
     kss = diag(Mqq, dim1=1, dim2=2) - 2 * z * diag(Mq1, dim1=1, dim2=2) + z * z * diag(M11)
@@ -90,9 +88,9 @@ def _project_kquant(tg: tuple[Tensor, ...], t: GGUFType, params: QuantParams) ->
         limit = torch.where(z == t.centre, float(k_c), float(k_c1)).double()
     a_t = a_t.clamp_min(0)
     d0 = (a_t / limit).amax(1, keepdim=True)
-    best_loss = torch.full((R, 1), float("inf"), dtype=torch.float64, device=a_t.device)
-    best_a = sb(params.scale.double()).clone()
-    best_c = sb(params.offset.double()).clone()
+    # per super-block: (loss [R, 1], steps [R, S], offsets [R, S])
+    best = (torch.full((R, 1), float("inf"), dtype=torch.float64, device=a_t.device),
+            sb(params.scale.double()), sb(params.offset.double()))
     K = float(scale_levels(t)[0])
     for f in D_FACTORS:
         d = _fp16_step((d0 * f).float()).double()
@@ -100,36 +98,25 @@ def _project_kquant(tg: tuple[Tensor, ...], t: GGUFType, params: QuantParams) ->
         ks = [torch.minimum(k_lo, limit), torch.minimum(k_lo + 1, limit)]
         if not t.asymmetric:
             errs = [kss * (d * k - a_t) ** 2 for k in ks]
-            take = errs[1] < errs[0]
-            k = torch.where(take, ks[1], ks[0])
-            loss = torch.minimum(*errs).sum(1, keepdim=True)
-            a = d * k
-            c = -a * z
-            better = loss < best_loss
-            best_loss = torch.where(better, loss, best_loss)
-            best_a, best_c = torch.where(better, a, best_a), torch.where(better, c, best_c)
+            a = d * torch.where(errs[1] < errs[0], ks[1], ks[0])
+            best = keep_lower(best, (torch.minimum(*errs).sum(1, keepdim=True), a, -a * z))
             continue
         # the offset each step wants, and the super-block min factor for those offsets
         c_want = [c_t - kac / kcc.clamp_min(1e-30) * (d * k - a_t) for k in ks]
         m0 = torch.maximum(*[(-c).clamp_min(0) for c in c_want]).amax(1, keepdim=True) / K
         for g in DMIN_FACTORS:
             dmin = _fp16_step((m0 * g).float()).double()
-            loss_g = torch.full_like(a_t, float("inf"))
-            a_g, c_g = a_t.clone(), c_t.clone()
+            # per group: (loss, step, offset), the best of both steps and both mins
+            grp = (torch.full_like(a_t, float("inf")), a_t, c_t)
             for k, cw in zip(ks, c_want, strict=True):
                 a = d * k
                 m_lo = torch.floor(-cw / dmin).clamp(0, K)
                 for m in (m_lo, (m_lo + 1).clamp(0, K)):
                     c = -dmin * m
                     da, dc = a - a_t, c - c_t
-                    e = kaa * da * da + 2 * kac * da * dc + kcc * dc * dc
-                    take = e < loss_g
-                    loss_g = torch.where(take, e, loss_g)
-                    a_g, c_g = torch.where(take, a, a_g), torch.where(take, c, c_g)
-            loss = loss_g.sum(1, keepdim=True)
-            better = loss < best_loss
-            best_loss = torch.where(better, loss, best_loss)
-            best_a, best_c = torch.where(better, a_g, best_a), torch.where(better, c_g, best_c)
+                    grp = keep_lower(grp, (kaa * da * da + 2 * kac * da * dc + kcc * dc * dc, a, c))
+            best = keep_lower(best, (grp[0].sum(1, keepdim=True), grp[1], grp[2]))
+    _, best_a, best_c = best
     return best_a.float().reshape(out, G), best_c.float().reshape(out, G)
 
 

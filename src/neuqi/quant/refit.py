@@ -105,6 +105,16 @@ def _int_scales(Mqq, Mq1, M11, bq, b1, z: Tensor, s0: Tensor) -> tuple[Tensor, T
     return s, ((K @ s[..., None])[..., 0] * s).sum(1) - 2 * (b * s).sum(1)
 
 
+def _float_fit(Mqq, Mq1, M11, bq, b1, a0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's joint least-squares ``(a, c)`` ``[out, G]`` for ``ŵ = a_g q + c_g``
+    from :func:`_normal_blocks`' blocks, ridged toward the current ``(a0, c0)``."""
+    out, G = bq.shape
+    K = torch.cat([torch.cat([Mqq, Mq1], 2),
+                   torch.cat([Mq1.transpose(1, 2), M11.expand(out, G, G)], 2)], 1)
+    x = _solve(K, torch.cat([bq, b1], 1), torch.cat([a0, c0], 1))
+    return x[:, :G], x[:, G:]
+
+
 def refit_params(
     codes: Tensor, W: Tensor, H: Tensor, spec: QuantSpec, params: QuantParams, int_zero: bool
 ) -> QuantParams:
@@ -115,12 +125,8 @@ def refit_params(
     scale) keeps them.  ``int_zero`` keeps zeros whole numbers in ``0..maxq``.
     """
     Mqq, Mq1, M11, bq, b1 = _normal_blocks(codes, W, H, spec)
-    out, G = bq.shape
     old_s, old_z = params.scale.double(), params.zero.double()
-    K = torch.cat([torch.cat([Mqq, Mq1], 2),
-                   torch.cat([Mq1.transpose(1, 2), M11.expand(out, G, G)], 2)], 1)
-    x = _solve(K, torch.cat([bq, b1], 1), torch.cat([old_s, -old_s * old_z], 1))
-    a, c = x[:, :G], x[:, G:]
+    a, c = _float_fit(Mqq, Mq1, M11, bq, b1, old_s, -old_s * old_z)
     if int_zero:
         z_fit = torch.clamp(torch.round(-c / a.clamp_min(1e-30)), 0, spec.maxq)
         z_fit = torch.where(torch.isfinite(z_fit), z_fit, old_z)
