@@ -33,22 +33,27 @@ def _offsets(params: QuantParams, spec: QuantSpec, n: int) -> tuple[Tensor, Tens
 
 def descend_codes(
     W: Tensor, codes: Tensor, params: QuantParams, spec: QuantSpec, H: Tensor,
-    passes: int, block: int = 128,
+    passes: int, block: int = 128, diag: Tensor | None = None,
 ) -> Tensor:
     """Codes ``[out, in]`` (float) after ``passes`` coordinate-descent sweeps.
 
-    ``W, codes: [out, in]``, ``H: [in, in]`` the loss's second-moment matrix.
-    Columns are visited by decreasing ``H_jj`` (act-order); a column with
-    ``H_jj ≤ 0`` carries no loss and is left alone.  The loss never rises: each move
-    is the exact minimiser of the row's loss in that coordinate over the grid.
+    ``W, codes: [out, in]``, ``H: [in, in]`` the loss's second-moment matrix;
+    ``diag: [in]`` (optional) replaces its diagonal, so the solver's damped H is used
+    without an ``in × in`` copy of it.  Columns are visited by decreasing ``H_jj``
+    (act-order); a column with ``H_jj ≤ 0`` carries no loss and is left alone.  The
+    loss never rises: each move is the exact minimiser of the row's loss in that
+    coordinate over the grid.
     """
     n = W.shape[1]
     S, O = _offsets(params, spec, n)
     Q = codes.float().clone()
     What = S * Q + O
-    Hf = H.float()
-    R = (W.float() - What) @ Hf  # residual r = (w − ŵ) H, [out, in]
-    h = torch.diagonal(Hf)
+    Hf = H.float()  # no copy when H is float32
+    # The loss's matrix is Hf + diag(shift): the shift only where ``diag`` replaces it.
+    shift = torch.zeros(n, device=W.device) if diag is None else diag.float() - torch.diagonal(Hf)
+    E = W.float() - What
+    R = E @ Hf + E * shift  # residual r = (w − ŵ) H, [out, in]
+    h = torch.diagonal(Hf) + shift
     order = torch.argsort(h, descending=True, stable=True)
     order = order[h[order] > 0]
     cols = order.tolist()  # one host copy per call: the loop indexes with ints
@@ -58,6 +63,7 @@ def descend_codes(
             idx = order[i1 : i1 + block]
             Rb = R[:, idx].clone()
             Hb = Hf[idx[:, None], idx]
+            Hb.diagonal().add_(shift[idx])  # Hb is a gathered copy
             D = torch.empty_like(Rb)
             for k, j in enumerate(cols[i1 : i1 + block]):
                 target = What[:, j] + Rb[:, k] * inv_h[j]
@@ -69,4 +75,5 @@ def descend_codes(
                 D[:, k] = d
                 Rb -= d[:, None] * Hb[k][None, :]
             R -= D @ Hf[idx, :]
+            R[:, idx] -= D * shift[idx]
     return Q

@@ -325,7 +325,8 @@ def gptq_quantize(
         idx = perm if perm is not None else torch.arange(n, device=device)
         # one gather, and the permuted copy lives only through the factorisation
         F, damp_used = _factor(H[idx[:, None], idx], damp, algorithm)
-        H_damped = damp_hessian(H, damp_used) if descent else None
+        # descent runs on the damped H the solver used: H with its damped diagonal
+        h_damped = _damped_diag64(H, damp_used) if descent else None
 
         def solve(p: QuantParams) -> Tensor:
             S, Z = p.expand(spec, n)
@@ -333,7 +334,7 @@ def gptq_quantize(
             codes[:, idx] = _solve(W.t()[idx], F, S.t()[idx], Z.t()[idx], spec.maxq, algorithm,
                                    block_size).t()
             if descent:
-                codes = descend_codes(W, codes, p, spec, H_damped, descent)
+                codes = descend_codes(W, codes, p, spec, H, descent, diag=h_damped)
             return codes
 
         codes = solve(params)
