@@ -21,10 +21,12 @@ Rows per type:
 
 Quality is measured by ``llama-perplexity`` (``-c ctx``, first ``chunks`` chunks) on
 wiki-sample and brown, and its ``--kl-divergence`` mode against the FP GGUF on
-wiki-sample (mean KL, top-1 agreement).  Quantization seconds are wall time of the
-whole command, one process at a time.  Resumable: every finished file and
-measurement is reused; results land in ``bench/results/gguf/<model>/{gguf.json,gguf.md}``
-as they are measured.
+wiki-sample: mean KL, top-1 agreement, the mean log ratio of the perplexities with its
+own ± (the paired difference, tighter than the two files' perplexity ±), and the mean
+change of the probability of the text's next token (Δp, percentage points).
+Quantization seconds are wall time of the whole command, one process at a time.
+Resumable: every finished file and measurement is reused; results land in
+``bench/results/gguf/<model>/{gguf.json,gguf.md}`` as they are measured.
 """
 
 from __future__ import annotations
@@ -154,9 +156,11 @@ def measure(rec: dict, gguf: Path, texts: dict[str, Path], kl_base: Path, args, 
             r = llamacpp.perplexity(gguf, path, ctx=args.ctx, chunks=args.chunks)
             rec.setdefault("ppl", {})[name] = {"ppl": r.ppl, "err": r.ppl_err, "chunks": r.chunks}
             save()
-    if "kl" not in rec:
+    if "mean_dp_pct" not in rec.get("kl", {}):  # records from before Δp was read are measured again
         r = llamacpp.perplexity(gguf, texts["wiki-sample"], ctx=args.ctx, kl_base=kl_base)
-        rec["kl"] = {"mean": r.kl_mean, "err": r.kl_err, "same_top1_pct": r.same_top1}
+        rec["kl"] = {"mean": r.kl_mean, "err": r.kl_err, "same_top1_pct": r.same_top1,
+                     "ln_ppl_ratio": r.ln_ppl_ratio, "ln_ppl_ratio_err": r.ln_ppl_ratio_err,
+                     "mean_dp_pct": r.mean_dp, "mean_dp_err": r.mean_dp_err, "rms_dp_pct": r.rms_dp}
         save()
     rec["bytes"] = gguf.stat().st_size
     save()
@@ -174,8 +178,9 @@ def markdown(data: dict) -> str:
         "",
         f"Command: `{m['command']}` — commit {m['commit']}, {m['machine']}, {m['date']}.",
         "",
-        "| type | tool | wiki-sample PPL | brown PPL | KL vs F32 | same top-1 % | MiB | quantize s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| type | tool | wiki-sample PPL | brown PPL | KL vs F32 | same top-1 % | ln(PPL/PPL_F32) "
+        "| mean Δp % | MiB | quantize s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, rec in data["rows"].items():
         if key == "FP":
@@ -187,10 +192,16 @@ def markdown(data: dict) -> str:
         def f(v, spec):
             return "—" if v is None else format(v, spec)
 
+        def pm(v, err, spec):
+            return "—" if v is None else f"{v:{spec}} ± {err:{spec}}"
+
         lines.append(
             f"| {t} | {tool} | {f(ppl.get('wiki-sample', {}).get('ppl'), '.3f')} | "
             f"{f(ppl.get('brown', {}).get('ppl'), '.3f')} | {f(kl.get('mean'), '.5f')} | "
-            f"{f(kl.get('same_top1_pct'), '.2f')} | {f(rec.get('bytes', 0) / 2**20, '.1f')} | "
+            f"{f(kl.get('same_top1_pct'), '.2f')} | "
+            f"{pm(kl.get('ln_ppl_ratio'), kl.get('ln_ppl_ratio_err'), '.4f')} | "
+            f"{pm(kl.get('mean_dp_pct'), kl.get('mean_dp_err'), '.2f')} | "
+            f"{f(rec.get('bytes', 0) / 2**20, '.1f')} | "
             f"{f(rec.get('quantize_s'), '.0f')} |"
             + (f" error: {rec['error'][:80]} |" if rec.get("error") else "")
         )

@@ -160,6 +160,14 @@ class PerplexityResult:
     kl_mean: float | None = None
     kl_err: float | None = None
     same_top1: float | None = None  # % of tokens whose top-1 matches the base model's
+    # KL mode: mean ln(PPL(Q)/PPL(base)) over the scored tokens, and its ± (the paired
+    # difference's uncertainty, which two files' PPL ± overstate); mean and RMS change of
+    # the probability of the text's next token, in percentage points.
+    ln_ppl_ratio: float | None = None
+    ln_ppl_ratio_err: float | None = None
+    mean_dp: float | None = None
+    mean_dp_err: float | None = None
+    rms_dp: float | None = None
     log: str = ""
 
 
@@ -169,6 +177,10 @@ def _parse_perplexity(out: str, ctx: int) -> PerplexityResult:
     top = re.search(r"Same top p:\s+([0-9.]+)\s+±", out)
     chunks = re.search(r"calculating perplexity over (\d+) chunks", out)
     kl_ppl = re.search(r"Mean PPL\(Q\)\s+:\s+([0-9.]+)\s+±\s+([0-9.]+)", out)
+    num = r"(-?[0-9.]+(?:[eE][+-]?[0-9]+)?)"
+    ratio = re.search(rf"Mean ln\(PPL\(Q\)/PPL\(base\)\)\s+:\s+{num}\s+±\s+{num}", out)
+    dp = re.search(rf"Mean\s+Δp:\s+{num}\s+±\s+{num}\s*%", out)
+    rms = re.search(rf"RMS Δp\s+:\s+{num}\s+±", out)
     if m is None and kl_ppl is None:
         tail = "\n".join(out.splitlines()[-15:])
         raise RuntimeError(f"llama-perplexity printed no final estimate:\n{tail}")
@@ -177,7 +189,11 @@ def _parse_perplexity(out: str, ctx: int) -> PerplexityResult:
         ppl=float(ppl), ppl_err=float(err), ctx=ctx,
         chunks=int(chunks.group(1)) if chunks else 0,
         kl_mean=float(kl.group(1)) if kl else None, kl_err=float(kl.group(2)) if kl else None,
-        same_top1=float(top.group(1)) if top else None, log=out,
+        same_top1=float(top.group(1)) if top else None,
+        ln_ppl_ratio=float(ratio.group(1)) if ratio else None,
+        ln_ppl_ratio_err=float(ratio.group(2)) if ratio else None,
+        mean_dp=float(dp.group(1)) if dp else None, mean_dp_err=float(dp.group(2)) if dp else None,
+        rms_dp=float(rms.group(1)) if rms else None, log=out,
     )
 
 
