@@ -822,18 +822,22 @@ def _init_neuqi_multistart(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, T
     them), each rough at the scale of one rounding step.  Cheap direct evaluations
     carry ``MULTI_RATIOS`` starts into their valleys (:func:`_multistart_points`);
     a pattern sweep (:func:`fitted_patterns`) at the best point of the two best
-    valleys then explores each valley's floor, a third at the best scale so far
-    refines it, and the exact best zero for the final scale ends the search.  Three
-    sorted sweeps in all, where the pattern search needs 14.  Min-max's own point is
-    the starting incumbent, so no group ends worse.
+    valleys then explores each valley's floor, and a second at the best scale so far
+    refines it.  Two sorted sweeps in all, where the pattern search needs 14.  Min-max's
+    own point is the starting incumbent, so no group ends worse.
+
+    No exact best-zero sweep follows.  The last pattern sweep's best is already at
+    least as good as the exact zero at the sweep's own scale (each pattern gets its own
+    least-squares grid); an exact sweep at the fitted scale it moved to (the search's
+    last step until 2026-12-06) lowered 1498 of 4992 groups of SmolLM2's block 3 at
+    4-bit g64 by at most 0.025 %, and none by more than float noise at 2 and 3 bits,
+    for about a fifth of the search's time.
     """
     best = _Best.minmax(wg, hg, maxq)
     s1, z1, s2 = _multistart_points(wg, hg, maxq)
     best.take(s1, z1, group_loss(wg, hg, s1, z1, maxq))  # scored as the caller will score it
     best.take(*fitted_patterns(wg, hg, s2, maxq))
     best.take(*fitted_patterns(wg, hg, best.s, maxq))
-    z, loss = best_zero(wg / best.s[:, None], hg, maxq)
-    best.take(best.s, z, loss * best.s * best.s)
     return best.s, best.z
 
 
