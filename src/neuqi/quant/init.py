@@ -821,10 +821,11 @@ def _init_neuqi_multistart(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, T
     The loss over the scale has a few valleys (typically: clip the tails, or cover
     them), each rough at the scale of one rounding step.  Cheap direct evaluations
     carry ``MULTI_RATIOS`` starts into their valleys (:func:`_multistart_points`);
-    a pattern sweep (:func:`fitted_patterns`) at the best point of the two best
-    valleys then explores each valley's floor, and a second at the best scale so far
-    refines it.  Two sorted sweeps in all, where the pattern search needs 14.  Min-max's
-    own point is the starting incumbent, so no group ends worse.
+    a pattern sweep (:func:`fitted_patterns`) at the second valley's best point
+    explores that valley's floor, and a second at the best scale so far (the first
+    valley's, unless the first sweep beat it) refines it.  Two sorted sweeps in all,
+    where the pattern search needs 14.  Min-max's own point is the starting incumbent,
+    so no group ends worse.
 
     No exact best-zero sweep follows.  The last pattern sweep's best is already at
     least as good as the exact zero at the sweep's own scale (each pattern gets its own
