@@ -326,7 +326,7 @@ def gptq_quantize(
         # one gather, and the permuted copy lives only through the factorisation
         F, damp_used = _factor(H[idx[:, None], idx], damp, algorithm)
         # descent runs on the damped H the solver used: H with its damped diagonal
-        h_damped = _damped_diag64(H, damp_used) if descent else None
+        h_damped = damped_diagonal(H, damp_used) if descent else None
 
         def solve(p: QuantParams) -> Tensor:
             S, Z = p.expand(spec, n)
