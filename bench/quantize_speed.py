@@ -14,7 +14,8 @@ Every run is its own ``neuqi quantize`` process, one after the other (two torch
 processes on 2 cores slow each other several-fold).  ``quantize_seconds`` is the
 run's own figure from its ``result.json`` (calibration forwards, H, init, solve), and
 ``init_seconds`` the part of it spent choosing the parameters, ``solve_seconds`` the
-LDLQ solves and ``capture_seconds`` the calibration forwards.
+LDLQ solves and ``capture_seconds`` the calibration forwards; ``wall_seconds`` is the
+whole process (start-up, loading and the evaluation included).
 ``--before SRC`` also runs the NeUQI inits from another checkout's ``src`` folder
 (e.g. a ``git worktree`` of the previous commit) so that before and after share a
 machine and a session.  The defaults are ``make demo``'s calibration (16 × 512
@@ -32,6 +33,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -66,7 +68,9 @@ def run_one(model: Path, bits: int, group: int, init: str, args, src: Path | Non
                "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                "--calib", args.calib, "--out-dir", out, "--eval", args.eval,
                "--eval-windows", str(args.eval_windows), "--quiet"]
+        t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
         (run_dir,) = [p for p in Path(out).iterdir() if p.is_dir()]
@@ -75,6 +79,7 @@ def run_one(model: Path, bits: int, group: int, init: str, args, src: Path | Non
             "init_seconds": res["timing"].get("init_seconds"),
             "solve_seconds": res["timing"].get("solve_seconds"),
             "capture_seconds": res["timing"].get("capture_seconds"),
+            "wall_seconds": wall,
             "ppl": {k: v["ppl"] for k, v in res["eval"].get("ppl", {}).items()}}
 
 
@@ -127,18 +132,19 @@ def main() -> None:
 def print_table(data: dict) -> None:
     runs = data["runs"]
     print(f"\n{data['setup']}\n")
-    print("| config | init | variant | seed | quantize s | init s | solve s | × min-max | ppl |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| config | init | variant | seed | quantize s | init s | solve s | × min-max | wall s | ppl |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for key, r in runs.items():
         variant, cfg, init, *seed = key.split("/")
         base = runs.get("/".join(["after", cfg, "minmax", *seed])) or runs.get(f"after/{cfg}/minmax")
         ratio = f"{r['quantize_seconds'] / base['quantize_seconds']:.2f}" if base else "-"
         ppl = ", ".join(f"{v:.2f}" for v in r["ppl"].values())
+        wall = "-" if r.get("wall_seconds") is None else f"{r['wall_seconds']:.0f}"
         init_s, solve_s = ("-" if r.get(k) is None else f"{r[k]:.0f}"
                            for k in ("init_seconds", "solve_seconds"))
         print(f"| {cfg} | {init} | {variant} | {seed[0][4:] if seed else 0} | {r['quantize_seconds']:.0f} | "
               f"{init_s} | {solve_s} | "
-              f"{ratio} | {ppl} |")
+              f"{ratio} | {wall} | {ppl} |")
 
 
 if __name__ == "__main__":

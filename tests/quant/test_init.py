@@ -310,6 +310,44 @@ def test_compiled_searches_compile_once_whatever_the_number_of_groups(monkeypatc
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.parametrize("init,group", [("neuqi", 64), ("neuqi", -1), ("neuqi_int", 64)])
+def test_the_warm_up_compiles_what_the_run_then_reuses(monkeypatch, init, group):
+    """``warm_up`` compiles in a background thread; the run's own search must then
+    compile nothing more (rows of 576 after a warm-up on 512, channel-wise), give the
+    same parameters as the eager search, and find the caller's random state as it
+    left it."""
+    pytest.importorskip("torch._inductor")
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("NEUQI_COMPILE", "1")
+    monkeypatch.setattr(init_mod, "_COMPILED", {})
+    torch._dynamo.reset()
+    spec = QuantSpec(3, group)
+    before = counters["stats"]["unique_graphs"]
+    rng = torch.get_rng_state()
+    init_mod.warm_up(512, spec, init).join()
+    assert torch.equal(torch.get_rng_state(), rng)
+    warmed = counters["stats"]["unique_graphs"]
+    assert warmed > before
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((24, 576)) * 0.02
+    h = torch.rand(576) ** 2 + 0.01
+    p = init_params(w, spec, init, h)
+    assert counters["stats"]["unique_graphs"] == warmed
+    monkeypatch.setenv("NEUQI_COMPILE", "0")
+    eager = init_params(w, spec, init, h)
+    loss = group_weighted_error(w, fake_quantize(w, p, spec), spec, h)
+    ref = group_weighted_error(w, fake_quantize(w, eager, spec), spec, h)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=0)
+
+
+def test_no_warm_up_where_nothing_is_compiled(monkeypatch):
+    monkeypatch.setenv("NEUQI_COMPILE", "0")
+    assert init_mod.warm_up(512, QuantSpec(3, 64), "neuqi") is None
+    monkeypatch.setenv("NEUQI_COMPILE", "1")
+    assert init_mod.warm_up(512, QuantSpec(3, 64), "minmax") is None
+
+
 def integer_zero_grid_reference(w, spec, h, grid=2048):
     """The reference NeUQI_int: 2048 scales in (0, s₀] × every integer zero."""
     wg, hg, _ = init_mod.to_groups(w, spec, h)

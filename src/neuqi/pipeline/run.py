@@ -32,6 +32,7 @@ from neuqi.models.loading import load_model, load_tokenizer, resolve_model_path
 from neuqi.pipeline.config import QuantConfig, RunConfig
 from neuqi.pipeline.resume import ResumeState, state_folder, windows_digest
 from neuqi.pipeline.sequential import capture_layer_inputs, quantize_layers
+from neuqi.quant.init import warm_up
 
 log = logging.getLogger("neuqi")
 
@@ -128,6 +129,7 @@ def quantize_model(cfg: RunConfig, quiet: bool = False) -> Path:
         raise ValueError("--resume needs the saved state: drop --no-save-state")
     if cfg.low_memory and resolve_model_path(cfg.model)[1] is not None:
         raise ValueError("--low-memory reads safetensors shards; convert the .gguf to a folder first")
+    warm = _warm_up_search(cfg, device)  # compiles beside the loading and the first forward passes
     tokenizer = load_tokenizer(cfg.model)
     windows = calibration_windows(cfg, tokenizer)
     resume = open_state(cfg, windows)  # refuses to drop a saved state silently
@@ -143,7 +145,20 @@ def quantize_model(cfg: RunConfig, quiet: bool = False) -> Path:
                       "with --resume to continue", resume.layers_done, resume.folder)
         raise
     resume.finish()
+    if warm is not None:
+        warm.join()  # long done: the first search waited for it
     return final
+
+
+def _warm_up_search(cfg: QuantConfig, device: torch.device):
+    """The background compilation of the run's parameter search
+    (:func:`neuqi.quant.init.warm_up`), or None.  GGUF types choose their parameters
+    with searches of their own, so they get none; channel-wise rows of any length
+    ≥ 256 take the same kernels, so a row of 512 stands for the model's."""
+    if cfg.gguf is not None:
+        return None
+    return warm_up(512, cfg.spec, cfg.init, max_clip=cfg.max_clip,  # type: ignore[arg-type]
+                   norm=cfg.init_norm, search=cfg.neuqi_search, device=device)
 
 
 def open_state(cfg: RunConfig, windows: torch.Tensor) -> ResumeState:

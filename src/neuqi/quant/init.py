@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 from typing import Literal
 
 import torch
@@ -99,6 +100,11 @@ def minmax_scale(wg: Tensor, maxq: int) -> Tensor:
 _COMPILED: dict[str, object] = {}
 
 
+# One compiled call at a time: :func:`warm_up` compiles in a background thread, and a
+# caller that reaches a kernel first waits for it rather than compiling it twice.
+_COMPILE_LOCK = threading.RLock()
+
+
 def _compiled(fn):
     """``fn`` compiled once per process by ``torch.compile`` when possible.
 
@@ -132,17 +138,18 @@ def _run_sweep(fn, *args):
     no views (:func:`_own_rows`), and a chunk of one group runs as two, the results cut
     back.  The first argument is the chunk of groups; when it has one row, so has every
     other batched argument, and no shared one does (bits ≥ 2)."""
-    compiled = _compiled(fn)
-    if compiled is fn:
-        return fn(*args)
-    single = isinstance(args[0], Tensor) and args[0].shape[0] == 1
-    args = tuple(_own_rows(a, single) if isinstance(a, Tensor) else a for a in args)
-    try:
-        out = compiled(*args)
-    except Exception as exc:  # pragma: no cover - depends on the toolchain
-        log.warning("compiled sweep failed (%s); falling back to eager", exc)
-        _COMPILED[fn.__name__] = fn
-        out = fn(*args)
+    with _COMPILE_LOCK:
+        compiled = _compiled(fn)
+        if compiled is fn:
+            return fn(*args)
+        single = isinstance(args[0], Tensor) and args[0].shape[0] == 1
+        args = tuple(_own_rows(a, single) if isinstance(a, Tensor) else a for a in args)
+        try:
+            out = compiled(*args)
+        except Exception as exc:  # pragma: no cover - depends on the toolchain
+            log.warning("compiled sweep failed (%s); falling back to eager", exc)
+            _COMPILED[fn.__name__] = fn
+            out = fn(*args)
     if not single:
         return out
     return out[:1] if isinstance(out, Tensor) else tuple(o[:1] for o in out)
@@ -1327,24 +1334,22 @@ def fixed_zero_search(
         ratios = torch.cat([ratios, torch.tensor(NEUQI_INT_TAIL, device=wg.device, dtype=wg.dtype)])
     K = ratios.numel()
     chunk = _chunk_rows(n * K, wg.device) * DIRECT_CHUNK_SCALE
-    losses = torch.empty(G, K, Z, device=wg.device, dtype=wg.dtype)
+    # Each chunk's [g, K, Z] losses are reduced to what the next step needs while
+    # they are in cache: the best zeros (unbracketed) or the lowest valleys.
+    picks = min(keep, Z) if bracket is None else min(NEUQI_INT_VALLEYS.get(maxq, 4), K * Z)
+    top = torch.empty(G, picks, device=wg.device, dtype=torch.long)
     for c, start in enumerate(range(0, G, chunk)):
         part = slice(start, start + chunk)
         s = s0[part, None] * ratios[None, :]
-        losses[part] = _run_sweep(_int_zero_losses_chunk, wg[part], hg[part], s, zeros[part], maxq)
+        losses = _run_sweep(_int_zero_losses_chunk, wg[part], hg[part], s, zeros[part], maxq)
         if s_floor is not None:  # below a zero's floor its grid clips too far
-            losses[part] = torch.where(s[:, :, None] < s_floor[part, None, :], torch.inf, losses[part])
+            losses = torch.where(s[:, :, None] < s_floor[part, None, :], torch.inf, losses)
+        top[part] = (losses.amin(1) if bracket is None else _valleys(losses)).topk(
+            picks, dim=1, largest=False).indices
         _trim(c, wg.device)
     if bracket is None:
-        top = losses.amin(1).topk(keep, dim=1, largest=False).indices
         return _chunked_scale_sweep(wg, hg, maxq, zeros.gather(1, top).contiguous(),
                                     None if s_floor is None else s_floor.gather(1, top).contiguous())
-    inf = torch.full_like(losses[:, :1], torch.inf)
-    padded = torch.cat([inf, losses, inf], dim=1)
-    valley = (losses <= padded[:, :-2]) & (losses <= padded[:, 2:])
-    ranked = torch.where(valley, losses, torch.inf).reshape(G, -1)
-    valleys = NEUQI_INT_VALLEYS.get(maxq, 4)
-    top = ranked.topk(min(valleys, K * Z), dim=1, largest=False).indices  # [G, M]
     i, zi = torch.div(top, Z, rounding_mode="floor"), top % Z
     lo = torch.where(i >= bracket, ratios[(i - bracket).clamp_min(0)], ratios[0] / 2)
     hi = torch.where(i + bracket < K, ratios[(i + bracket).clamp_max(K - 1)], ratios[-1] * 1.25)
@@ -1353,6 +1358,15 @@ def fixed_zero_search(
         s_lo = torch.maximum(s_lo, s_floor.gather(1, zi))
         s_hi = torch.maximum(s_hi, s_lo)
     return _chunked_bracket_sweep(wg, hg, maxq, zeros.gather(1, zi).contiguous(), s_lo, s_hi)
+
+
+def _valleys(losses: Tensor) -> Tensor:
+    """``losses: [g, K, Z]`` (K scales, Z zeros) → ``[g, K·Z]``: each loss where it is a
+    local minimum over the scale (no higher than either neighbour), inf elsewhere."""
+    inf = torch.full_like(losses[:, :1], torch.inf)
+    padded = torch.cat([inf, losses, inf], dim=1)
+    valley = (losses <= padded[:, :-2]) & (losses <= padded[:, 2:])
+    return torch.where(valley, losses, torch.inf).reshape(losses.shape[0], -1)
 
 
 def _chunked_bracket_sweep(
@@ -1594,3 +1608,50 @@ def init_params(
     else:
         scale, zero = _init_neuqi_int(wg, hg, maxq, max_clip=max_clip)
     return QuantParams(scale.reshape(out, n_groups), zero.reshape(out, n_groups))
+
+
+def warm_up(
+    n_in: int, spec: QuantSpec, method: InitMethod = "neuqi", *, max_clip: float | None = None,
+    norm: float = 2.0, search: str | None = None, device: torch.device | str = "cpu",
+) -> threading.Thread | None:
+    """Compile the search a run will use, in a background thread, while the caller works.
+
+    ``torch.compile``'s start-up in a fresh process (tracing, then the inductor cache or
+    the compiler) otherwise falls inside the first linear's search: ~3.4 s of a 3-bit g64
+    SmolLM2 run even with a warm cache.  Started before the model's first forward passes,
+    it runs beside them.  The kernels take dynamic shapes, so a few random groups of the
+    run's length (``spec.group_size``, or ``n_in`` channel-wise) compile what the real
+    groups reuse; :func:`_run_sweep` lets one compiled call run at a time, so a search
+    that reaches a kernel first waits rather than compiling it twice.  The random data
+    come from a generator of their own: the caller's random state is untouched.
+
+    Returns the thread (join it to wait), or None where nothing would be compiled
+    (``NEUQI_COMPILE=0``, ``minmax`` or ``mse``)."""
+    if os.environ.get("NEUQI_COMPILE", "1") == "0" or method not in ("neuqi", "neuqi_int"):
+        return None
+    n = spec.group_size if spec.group_size > 0 else n_in
+    gen = torch.Generator().manual_seed(0)
+    # 6 groups: a count no other dimension of the kernels has (zeros 4, 8, 16; valleys
+    # 2, 4), which the compiler would otherwise assume equal to it, and compile again.
+    w = torch.randn(6, n, generator=gen).to(device)
+    h = (torch.rand(n, generator=gen) + 0.1).to(device)
+
+    def compile_searches() -> None:
+        try:
+            init_params(w, spec, method, h, max_clip=max_clip, norm=norm, search=search)
+            if method == "neuqi_int" and norm == 2.0:
+                # The bracketed sweep's event count differs from chunk to chunk: the
+                # kernel specialises on the first and compiles a general one for the
+                # next, so both are compiled here.
+                wg, hg, _ = to_groups(w, spec, h)
+                m = NEUQI_INT_VALLEYS.get(spec.maxq, 4)
+                zeros = torch.zeros(wg.shape[0], m, device=wg.device, dtype=wg.dtype)
+                s_hi = minmax_scale(wg, spec.maxq)[:, None].expand(-1, m).contiguous()
+                for events in (2, 3):
+                    _run_sweep(_bracket_sweep_chunk, wg, hg, spec.maxq, zeros, 0.9 * s_hi, s_hi, events)
+        except Exception as exc:  # the run then compiles (or falls back) as it goes
+            log.debug("search warm-up failed: %s", exc)
+
+    thread = threading.Thread(target=compile_searches, name="neuqi-compile-warm-up", daemon=True)
+    thread.start()
+    return thread
