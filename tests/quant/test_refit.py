@@ -107,6 +107,20 @@ def test_neuqi_family_inside_ldlq_never_loses_to_minmax_on_the_correlated_layer(
     assert torch.equal(best.params.zero, best.params.zero.round())
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(3, 128), QuantSpec(2, 128), QuantSpec(3, 64),
+                                  QuantSpec(4, -1)])
+def test_with_descent_the_neuqi_family_leaves_less_than_minmax_on_the_correlated_layer(spec):
+    """Without refit or selection, three sweeps of coordinate descent after the solve
+    are enough: on this layer (inputs of rank 64 plus 8 outlier channels) LDLQ's
+    one-pass rounding is far from the best codes for any grid, and NeUQI's grids,
+    once the codes are improved, leave less than min-max's, descended or not
+    (measured 0.00046-0.00063 against 0.00076-0.00098 at 3b g128)."""
+    w, H = correlated_layer()
+    minmax = min(gptq_quantize(w, H, spec, init="minmax", descent=d).stats["quant_loss"] for d in (0, 3))
+    for init in ("neuqi", "neuqi_int"):
+        assert gptq_quantize(w, H, spec, init=init, descent=3).stats["quant_loss"] < minmax, init
+
+
 def test_selection_keeps_each_rows_best_candidate():
     w, H = correlated_layer(out=48, n=256, seed=2)
     spec = QuantSpec(2, 64)
