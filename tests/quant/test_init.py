@@ -315,7 +315,8 @@ def test_the_warm_up_compiles_what_the_run_then_reuses(monkeypatch, init, group)
     """``warm_up`` compiles in a background thread; the run's own search must then
     compile nothing more (rows of 576 after a warm-up on 512, channel-wise), give the
     same parameters as the eager search, and find the caller's random state as it
-    left it."""
+    left it.  The run searches under ``no_grad`` as the pipeline does, and the warm-up
+    thread with grad mode on (it is thread-local): the kernels must not depend on it."""
     pytest.importorskip("torch._inductor")
     from torch._dynamo.utils import counters
 
@@ -332,7 +333,8 @@ def test_the_warm_up_compiles_what_the_run_then_reuses(monkeypatch, init, group)
     torch.manual_seed(0)
     w = torch.distributions.StudentT(3.0).sample((24, 576)) * 0.02
     h = torch.rand(576) ** 2 + 0.01
-    p = init_params(w, spec, init, h)
+    with torch.no_grad():
+        p = init_params(w, spec, init, h)
     assert counters["stats"]["unique_graphs"] == warmed
     monkeypatch.setenv("NEUQI_COMPILE", "0")
     eager = init_params(w, spec, init, h)

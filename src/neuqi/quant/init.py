@@ -138,7 +138,10 @@ def _run_sweep(fn, *args):
     no views (:func:`_own_rows`), and a chunk of one group runs as two, the results cut
     back.  The first argument is the chunk of groups; when it has one row, so has every
     other batched argument, and no shared one does (bits ≥ 2)."""
-    with _COMPILE_LOCK:
+    # Grad mode off whoever calls: it is thread-local and part of what a compiled kernel
+    # guards on, so the warm-up thread (grad on) and the run (under no_grad) would
+    # otherwise each compile every kernel once.  The searches never need gradients.
+    with _COMPILE_LOCK, torch.no_grad():
         compiled = _compiled(fn)
         if compiled is fn:
             return fn(*args)
