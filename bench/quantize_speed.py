@@ -99,6 +99,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from neuqi.data.cache import cache_dir
+    from neuqi.io_utils import atomic_write_json
 
     model = cache_dir() / "models" / args.model
     out = args.out or HERE / "results" / f"quantize_speed.{args.model}.json"
@@ -122,9 +123,7 @@ def main() -> None:
                         continue
                     print(f"running {key} ...", flush=True)
                     data["runs"][key] = run_one(model, bits, group, init, args, src, seed)
-                    tmp = out.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(data, indent=1))
-                    tmp.replace(out)
+                    atomic_write_json(out, data)  # makes the folder: bench/results/ is not in git
                     print(f"  {data['runs'][key]}", flush=True)
     print_table(data)
 
