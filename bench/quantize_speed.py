@@ -138,9 +138,8 @@ def print_table(data: dict) -> None:
         base = runs.get("/".join(["after", cfg, "minmax", *seed])) or runs.get(f"after/{cfg}/minmax")
         ratio = f"{r['quantize_seconds'] / base['quantize_seconds']:.2f}" if base else "-"
         ppl = ", ".join(f"{v:.2f}" for v in r["ppl"].values())
-        wall = "-" if r.get("wall_seconds") is None else f"{r['wall_seconds']:.0f}"
-        init_s, solve_s = ("-" if r.get(k) is None else f"{r[k]:.0f}"
-                           for k in ("init_seconds", "solve_seconds"))
+        init_s, solve_s, wall = ("-" if r.get(k) is None else f"{r[k]:.0f}"
+                                 for k in ("init_seconds", "solve_seconds", "wall_seconds"))
         print(f"| {cfg} | {init} | {variant} | {seed[0][4:] if seed else 0} | {r['quantize_seconds']:.0f} | "
               f"{init_s} | {solve_s} | "
               f"{ratio} | {wall} | {ppl} |")
