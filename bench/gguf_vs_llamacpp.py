@@ -17,7 +17,10 @@ Rows per type:
 * ``neuqi``: NeUQI + LDLQ (act-order) under the type, exported with ``neuqi export``;
 * ``rtn``: neuqi's round-to-nearest with min-max block parameters (a control);
 * ``neuqi-fptarget``: as ``neuqi``, with ``--fp-target 0.25`` (each linear matches the
-  FP model's output, a quarter of the way; docs/algorithms.md).
+  FP model's output, a quarter of the way; docs/algorithms.md);
+* any neuqi row followed by ``+distill`` (``neuqi-damp0.1-cd3+distill``): that run, then
+  ``neuqi distill`` against the FP model on ``--distill-nsamples`` × ``--distill-seqlen``
+  tokens of c4-sample (each type's stored floats trained, its integers kept), exported.
 
 Quality is measured by ``llama-perplexity`` (``-c ctx``, first ``chunks`` chunks) on
 wiki-sample and brown, and its ``--kl-divergence`` mode against the FP GGUF on
@@ -125,12 +128,17 @@ NEUQI_ROWS: dict[str, dict] = {
 }
 
 
+DISTILL = "+distill"  # a row name ending so: that row's run, then `neuqi distill`, exported
+
+
 def neuqi_gguf(model: str, t: str, row: str, args, work: Path) -> tuple[Path, float, float]:
-    """Quantize with neuqi for type ``t`` with row ``row``'s options and export;
-    returns (file, quantize s, export s)."""
+    """Quantize with neuqi for type ``t`` with row ``row``'s options (then distil it,
+    for a ``+distill`` row) and export; returns (file, quantize s incl. distillation,
+    export s)."""
     from neuqi.pipeline.config import RunConfig
 
-    opts = NEUQI_ROWS[row]
+    distill = row.endswith(DISTILL)
+    opts = NEUQI_ROWS[row.removesuffix(DISTILL)]
     base, over = parse_type(t)
     gguf_tensor = ",".join(f"{HF_LINEAR[n]}={ty}" for n, ty in over.items())
     cfg = RunConfig(model=model, gguf=base, gguf_tensor=gguf_tensor, nsamples=args.nsamples,
@@ -144,6 +152,14 @@ def neuqi_gguf(model: str, t: str, row: str, args, work: Path) -> tuple[Path, fl
         q_s = timed([*NEUQI, "quantize", model, "--gguf", base, "--gguf-tensor", gguf_tensor, *flags,
                      "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                      "--out-dir", str(work / "runs"), "--eval", "", "-q"], work / f"{out.stem}.quantize.log")
+    if distill:
+        n, L = args.distill_nsamples, args.distill_seqlen
+        src, run_dir = run_dir, work / "runs" / f"{run_dir.name}.distill.n{n}.L{L}"
+        out = out.with_name(f"{out.stem}-distill-n{n}-L{L}.gguf")
+        if not (run_dir / "result.json").exists():
+            q_s += timed([*NEUQI, "distill", str(src), "--teacher", str(fetch_model(cache_dir(), model)),
+                          "--nsamples", str(n), "--seqlen", str(L), "--out-dir", str(work / "runs"),
+                          "--eval", "", "--resume", "-q"], work / f"{out.stem}.distill.log")
     if not out.exists():
         e_s = timed([*NEUQI, "export", str(run_dir), "--format", "gguf", "--out", str(out),
                      "--embed-type", "Q8_0"], work / f"{out.stem}.export.log")
@@ -221,6 +237,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, default=40)
+    p.add_argument("--distill-nsamples", type=int, default=64, help="+distill rows: windows of c4-sample")
+    p.add_argument("--distill-seqlen", type=int, default=256)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gguf")
     args = p.parse_args()
 
@@ -263,8 +281,10 @@ def main() -> None:
         save()
 
     rows = args.rows.split(",")
-    if bad := [r for r in rows if r not in ("llama", "llama-imatrix", *NEUQI_ROWS)]:
-        raise SystemExit(f"unknown row(s) {bad}; choose llama, llama-imatrix or {', '.join(NEUQI_ROWS)}")
+    if bad := [r for r in rows if r not in ("llama", "llama-imatrix", *NEUQI_ROWS)
+               and r.removesuffix(DISTILL) not in NEUQI_ROWS]:
+        raise SystemExit(f"unknown row(s) {bad}; choose llama, llama-imatrix or {', '.join(NEUQI_ROWS)} "
+                         f"(each optionally followed by {DISTILL})")
     imatrix = work / "imatrix.gguf"
     if "llama-imatrix" in rows and not imatrix.exists():
         calib = calibration_text(args.model, args.nsamples, args.seqlen, 0, work / "calib.txt")

@@ -12,6 +12,7 @@ from neuqi.distill.student import make_student, quant_linears
 from neuqi.models.loading import load_model, load_tokenizer
 from neuqi.pipeline.config import RunConfig
 from neuqi.pipeline.run import quantize_model
+from neuqi.quant.grid import QuantParams
 
 from ..conftest import make_tiny_model
 
@@ -105,11 +106,61 @@ def test_resume_continues_from_the_saved_state(setup, monkeypatch):
     assert not (tmp / "d" / f".{cfg.run_name()}.state.pt").exists()
 
 
-def test_a_gguf_run_is_not_distilled(setup):
+@pytest.mark.parametrize("types", [("Q4_0", "Q4_1"), ("Q2_K", "Q3_K")])
+def test_a_gguf_run_distils_on_its_types_lattice(tmp_path, types):
+    """Distillation trains only the floats a GGUF type stores: the codes and every
+    integer stay, the steps/offsets land on the type (fp16; k-quants d·k and dmin·m
+    with the same integers), the export's factorisation accepts them, and the student
+    ends nearer the teacher."""
+    from neuqi.quant.gguf_types import gguf_type
+    from neuqi.quant.kquants import kquant_fields
+
+    from ..conftest import SAMPLE_TEXT
+
+    model = make_tiny_model(tmp_path / "tiny", "llama", hidden=256, intermediate=512)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(SAMPLE_TEXT)
+    base, other = types
+    cfg = RunConfig(model=str(model), gguf=base, gguf_tensor=f"mlp.down_proj={other}", method="ldlq",
+                    calib=str(calib), nsamples=4, seqlen=64, out_dir=str(tmp_path / "runs"), device="cpu")
+    run = quantize_model(cfg, quiet=True)
+    out = distill_run(DistillConfig(run=str(run), teacher=str(model), data=str(calib), nsamples=16, seqlen=64,
+                                    epochs=3, lr=3e-5, eval_sets=[], save_every=0), quiet=True)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["zero_point"] == "offset" and qc["gguf_type"] == base
+    assert qc["gguf_types"]["model.layers.0.mlp.down_proj"] == other
+    from neuqi.data.corpora import consecutive_windows, load_text, tokenize
+
+    ids = consecutive_windows(tokenize(load_text(str(calib)), load_tokenizer(model)), 64, 8)
+    before, after = neuqi.load(run), neuqi.load(out)
+    teacher = load_model(model)
+    assert _hidden_mse(after, teacher, ids) < 0.9 * _hidden_mse(before, teacher, ids)
+    moved = 0
+    for name, q in quant_linears(before).items():
+        q2 = quant_linears(after)[name]
+        t = gguf_type(qc["gguf_types"][name])
+        assert torch.equal(q.codes(), q2.codes())
+        s, o = q2.scales.t().float(), q2.offsets.t().float()
+        if t.is_kquant:
+            f0 = kquant_fields(QuantParams(q.scales.t(), -q.offsets.t() / q.scales.t(), q.offsets.t()), t)
+            f1 = kquant_fields(QuantParams(s, -o / s, o), t)  # raises unless on the lattice
+            assert torch.equal(f0.k, f1.k) and torch.equal(f0.m, f1.m) and torch.equal(f0.flip, f1.flip)
+            moved += int(not torch.equal(f0.d, f1.d))
+        else:
+            assert torch.equal(s, s.half().float())  # fp16 steps (and offsets)
+            assert not t.asymmetric or torch.equal(o, o.half().float())
+            if not t.asymmetric:  # the zero stays c or c − 1
+                z = -o / s
+                assert bool(((z == t.centre) | (z == t.centre - 1)).all())
+            moved += int(not torch.equal(s, q.scales.t().float()))
+    assert moved == len(quant_linears(before))  # every linear trained
+
+
+def test_a_gguf_run_refuses_free_zero(setup):
     tmp, model, calib, _ = setup
     cfg = RunConfig(model=str(model), gguf="Q4_0", method="rtn", calib=str(calib), nsamples=2, seqlen=32,
                     out_dir=str(tmp / "runs"), device="cpu")
     run = quantize_model(cfg, quiet=True)
-    with pytest.raises(ValueError, match="quantized for GGUF Q4_0"):
-        distill_run(DistillConfig(run=str(run), teacher=str(model), data=str(calib), nsamples=2, seqlen=32),
-                    quiet=True)
+    with pytest.raises(ValueError, match="without --free-zero"):
+        distill_run(DistillConfig(run=str(run), teacher=str(model), data=str(calib), nsamples=2, seqlen=32,
+                                  free_zero=True), quiet=True)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from neuqi.data.corpora import load_text, sample_windows, tokenize
-from neuqi.distill.student import keep_scales_positive, make_student, records
+from neuqi.distill.student import keep_scales_positive, make_student, records, round_to_types
 from neuqi.io_utils import atomic_dir, atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,9 @@ def distill_run(cfg: DistillConfig, quiet: bool = False, resume: bool = False) -
 
     student = load_quantized(src, dtype=torch.float32)
     qc = dict(student.quantization_config)
-    if qc.get("zero_point") == "offset":  # trained scales would leave the type's lattice
-        raise ValueError(f"{src.name} was quantized for GGUF {qc.get('gguf_type')}: its steps and offsets "
-                         "are what the type stores, and distillation would move them off it; "
-                         "distill a run quantized without --gguf")
+    if cfg.free_zero and qc.get("zero_point") == "offset":
+        raise ValueError(f"{src.name} was quantized for GGUF {qc.get('gguf_type')}: its zero-points are "
+                         "what the type stores; distill it without --free-zero")
     if qc.get("experts"):  # the student trains QuantLinear parameters only
         raise ValueError(f"{src.name} has quantized mixture-of-experts weights; distilling them is not "
                          "supported yet")
@@ -176,11 +175,13 @@ def distill_run(cfg: DistillConfig, quiet: bool = False, resume: bool = False) -
     if not acc.is_main_process:
         return final
 
+    round_to_types(student)  # a GGUF run: evaluate what its file will store
     after = {}
     if cfg.eval_sets:
         after = evaluate_sets(student, tokenizer, cfg.eval_sets, 2048, device, cfg.eval_windows, quiet)
     recs = records(student)
-    zero_point = "float" if (qc["zero_point"] == "float" or cfg.free_zero) else "int"
+    zero_point = qc["zero_point"] if qc["zero_point"] == "offset" else (
+        "float" if (qc["zero_point"] == "float" or cfg.free_zero) else "int")
     spec = QuantSpec(qc["bits"], qc["group_size"])
     skip = set(recs)
     state = {k: v for k, v in student.state_dict().items() if k.rsplit(".", 1)[0] not in skip}
@@ -199,7 +200,8 @@ def distill_run(cfg: DistillConfig, quiet: bool = False, resume: bool = False) -
     }
     with atomic_dir(final) as work:
         write_checkpoint(student.cpu(), recs, spec, zero_point, qc.get("act_order", True), work, tokenizer,
-                         {"config": result["config"]}, state=state)
+                         {"config": result["config"]}, state=state, gguf_type=qc.get("gguf_type"),
+                         gguf_mix=qc.get("gguf_mix"))
         result["checkpoint_bytes"] = sum(f.stat().st_size for f in work.glob("*.safetensors"))
         atomic_write_json(work / "result.json", result)
         try:

@@ -73,6 +73,7 @@ class QuantLinear(nn.Module):
         self.cache = False
         self._dense: Tensor | None = None
         self._codes: Tensor | None = None  # unpacked codes, kept while training (distillation)
+        self.gguf_type: str | None = None  # GGUF runs: the llama.cpp type this linear is stored as
 
     def zero_values(self) -> Tensor:
         """Zero-points as floats ``[n_groups, out]`` (``−offset/scale`` in offset form)."""
@@ -131,6 +132,7 @@ def replace_linears(model: nn.Module, names: list[str], qc: dict, dtype: torch.d
             dtype=dtype,
             device=lin.weight.device,
         )
+        ql.gguf_type = ty or None
         setattr(parent, child, ql)
 
 
