@@ -197,7 +197,8 @@ def distill(
     seed: int = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
-    """Train scales, zero-points, norms and biases against the FP teacher (codes frozen)."""
+    """Train scales, zero-points, norms and biases against the FP teacher (codes frozen;
+    a GGUF run trains only the floats its type stores)."""
     from neuqi.distill import DistillConfig, distill_run
 
     _setup_logging(quiet)

@@ -25,10 +25,13 @@ class GGUFStudentLinear(QuantLinear):
     (asymmetric types) or ``−scale·z`` (symmetric: the zero ``c`` or ``c − 1`` fixed).
 
     The trainable values are ``step = d·k̄`` and ``min_step = dmin·m̄`` ``[n_super,
-    out]``, with ``k̄``, ``m̄`` the super-block's mean integers: an optimizer step of a
-    given size then moves the sub-block steps about as far as it moves a free scale
-    (an integer ``k`` up to 127 would otherwise multiply it). ``k``, ``m``, ``z``:
-    ``[n_groups, out]`` frozen (block-32 types: one group per super-block, ``k = m = 1``).
+    out]``, with ``k̄``, ``m̄`` the super-block's mean integers times ``2^(bits−4)`` above
+    4 bits.  The learning rate is absolute (the paper's 3e-4 for 2–4-bit steps); so an
+    optimizer step moves a sub-block's step about as far, relative to it, as it moves a
+    4-bit grid's step over the same weights — without the factors an 8-bit step (or a
+    ``d`` that an integer up to 127 multiplies) would move 16–127 times as far.
+    ``k``, ``m``, ``z``: ``[n_groups, out]`` frozen (block-32 types: one group per
+    super-block, ``k = m = 1``).
     """
 
     def factors(self) -> tuple[Tensor, Tensor | None]:
@@ -86,7 +89,8 @@ def _to_gguf_student(mod: QuantLinear) -> list[nn.Parameter]:
     else:
         d, dmin, k, m = scale, -offset, ones, ones
         z = torch.round(-offset / scale)
-    kbar, mbar = _super_mean(k, t.subs), _super_mean(m, t.subs)
+    unit = 2.0 ** max(0, t.bits - 4)
+    kbar, mbar = _super_mean(k, t.subs) * unit, _super_mean(m, t.subs) * unit
     mod.__class__ = GGUFStudentLinear
     mod.asymmetric, mod.kquant = t.asymmetric, t.is_kquant
     for name, value in (("k", k), ("m", m), ("z", z), ("kbar", kbar), ("mbar", mbar)):
