@@ -20,7 +20,8 @@ Rows per type:
   FP model's output, a quarter of the way; docs/algorithms.md);
 * any neuqi row followed by ``+distill`` (``neuqi-damp0.1-cd3+distill``): that run, then
   ``neuqi distill`` against the FP model on ``--distill-nsamples`` × ``--distill-seqlen``
-  tokens of c4-sample (each type's stored floats trained, its integers kept), exported.
+  tokens of c4-sample (each type's stored floats trained, its integers kept), exported;
+  ``+distill-kl`` the same with ``--loss kl`` (the logits' KL, llama.cpp's own measure).
 
 Quality is measured by ``llama-perplexity`` (``-c ctx``, first ``chunks`` chunks) on
 wiki-sample and brown, and its ``--kl-divergence`` mode against the FP GGUF on
@@ -128,7 +129,16 @@ NEUQI_ROWS: dict[str, dict] = {
 }
 
 
-DISTILL = "+distill"  # a row name ending so: that row's run, then `neuqi distill`, exported
+# a row name ending so: that row's run, then `neuqi distill` with this loss, exported
+DISTILL = {"+distill": "mse", "+distill-kl": "kl"}
+
+
+def split_row(row: str) -> tuple[str, str | None]:
+    """``(neuqi row, distillation loss or None)``."""
+    for suffix, loss in DISTILL.items():
+        if row.endswith(suffix):
+            return row.removesuffix(suffix), loss
+    return row, None
 
 
 def neuqi_gguf(model: str, t: str, row: str, args, work: Path) -> tuple[Path, float, float]:
@@ -137,8 +147,8 @@ def neuqi_gguf(model: str, t: str, row: str, args, work: Path) -> tuple[Path, fl
     export s)."""
     from neuqi.pipeline.config import RunConfig
 
-    distill = row.endswith(DISTILL)
-    opts = NEUQI_ROWS[row.removesuffix(DISTILL)]
+    base_row, loss = split_row(row)
+    opts = NEUQI_ROWS[base_row]
     base, over = parse_type(t)
     gguf_tensor = ",".join(f"{HF_LINEAR[n]}={ty}" for n, ty in over.items())
     cfg = RunConfig(model=model, gguf=base, gguf_tensor=gguf_tensor, nsamples=args.nsamples,
@@ -152,14 +162,17 @@ def neuqi_gguf(model: str, t: str, row: str, args, work: Path) -> tuple[Path, fl
         q_s = timed([*NEUQI, "quantize", model, "--gguf", base, "--gguf-tensor", gguf_tensor, *flags,
                      "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                      "--out-dir", str(work / "runs"), "--eval", "", "-q"], work / f"{out.stem}.quantize.log")
-    if distill:
+    if loss is not None:
         n, L = args.distill_nsamples, args.distill_seqlen
-        src, run_dir = run_dir, work / "runs" / f"{run_dir.name}.distill.n{n}.L{L}"
-        out = out.with_name(f"{out.stem}-distill-n{n}-L{L}.gguf")
+        tag = "" if loss == "mse" else f"-{loss}"
+        dist_root = work / f"runs{tag}"
+        src, run_dir = run_dir, dist_root / f"{run_dir.name}.distill.n{n}.L{L}"
+        out = out.with_name(f"{out.stem}-distill-n{n}-L{L}{tag}.gguf")
         if not (run_dir / "result.json").exists():
             q_s += timed([*NEUQI, "distill", str(src), "--teacher", str(fetch_model(cache_dir(), model)),
-                          "--nsamples", str(n), "--seqlen", str(L), "--out-dir", str(work / "runs"),
-                          "--eval", "", "--resume", "-q"], work / f"{out.stem}.distill.log")
+                          "--nsamples", str(n), "--seqlen", str(L), "--loss", loss,
+                          "--out-dir", str(dist_root), "--eval", "", "--resume", "-q"],
+                         work / f"{out.stem}.distill.log")
     if not out.exists():
         e_s = timed([*NEUQI, "export", str(run_dir), "--format", "gguf", "--out", str(out),
                      "--embed-type", "Q8_0"], work / f"{out.stem}.export.log")
@@ -281,10 +294,9 @@ def main() -> None:
         save()
 
     rows = args.rows.split(",")
-    if bad := [r for r in rows if r not in ("llama", "llama-imatrix", *NEUQI_ROWS)
-               and r.removesuffix(DISTILL) not in NEUQI_ROWS]:
+    if bad := [r for r in rows if r not in ("llama", "llama-imatrix") and split_row(r)[0] not in NEUQI_ROWS]:
         raise SystemExit(f"unknown row(s) {bad}; choose llama, llama-imatrix or {', '.join(NEUQI_ROWS)} "
-                         f"(each optionally followed by {DISTILL})")
+                         f"(each optionally followed by {' or '.join(DISTILL)})")
     imatrix = work / "imatrix.gguf"
     if "llama-imatrix" in rows and not imatrix.exists():
         calib = calibration_text(args.model, args.nsamples, args.seqlen, 0, work / "calib.txt")
