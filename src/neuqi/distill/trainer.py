@@ -1,5 +1,7 @@
 """``neuqi distill``: train a quantized run's scales, zero-points, norms and biases so
 its final hidden states match the FP teacher's (NEUQI_NOTES "Light distillation").
+A GGUF run trains only the floats its type stores (``neuqi.distill.student``), so the
+distilled run exports to the same GGUF type.
 
 Single process on CPU or one GPU by default; ``accelerate launch -m neuqi.cli distill``
 runs data-parallel (DDP) with the same code. The new run directory is built under a
