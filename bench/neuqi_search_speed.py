@@ -25,13 +25,14 @@ NeUQI (float zero), each variant adding one change to the one before:
   final scale.
 - ``multistart``: the multi-start search (:func:`neuqi.quant.init._init_neuqi_multistart`)
   on every configuration: 33 start scales carried into their valleys by direct
-  evaluation and Lloyd steps, then pattern sweeps at the two best valleys and at the
-  best scale, then the exact best zero for the final scale.
+  evaluation and Lloyd steps, then pattern sweeps at the second valley's point and at
+  the best scale (rows of 256 or more: at both valleys' points and ±3 % of each, then
+  at the best scale).
 - ``banded``: the grid search of ``+windows`` on the scales within two grid steps of
   the multi-start search's two best valleys only
   (:func:`neuqi.quant.init._init_neuqi_banded`).
-- ``default``: the search as it ships: ``multistart`` on 2- to 4-bit groups shorter
-  than 256, ``+windows`` elsewhere.
+- ``default``: the search as it ships: ``multistart`` at 2 to 4 bits, ``+windows``
+  elsewhere (until 2026-12-07 also on 2- to 4-bit rows of 256 or more).
 
 NeUQI_int: the exact scale sweep over every scale for every integer zero (``all zeros``,
 the search of 9152b71), for the 3 zeros the coarse grid ranks best (``top-3``, the search

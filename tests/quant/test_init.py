@@ -273,9 +273,10 @@ def test_compiled_sweep_matches_eager(monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [3, 4])
-def test_banded_search_on_long_rows_is_near_the_dense_optimum(bits):
-    """Channel-wise rows take the grid search around the multi-start valleys only;
-    it must stay as near the dense optimum as the grid search over the whole range."""
+def test_every_search_on_long_rows_is_near_the_dense_optimum(bits):
+    """Channel-wise rows take the multi-start search with its flank sweeps (the
+    default), or the grid search around the multi-start valleys only, or over the
+    whole range: each must be as near the dense optimum as issue #19 asks."""
     torch.manual_seed(bits)
     spec = QuantSpec(bits, -1)
     w = torch.distributions.StudentT(4.0).sample((24, 512)) * 0.02
@@ -284,12 +285,14 @@ def test_banded_search_on_long_rows_is_near_the_dense_optimum(bits):
     opt = init_mod.dense_scale_search(w, spec, h)
     s0, z0 = init_mod._init_minmax(wg, spec.maxq, 1.0)
     minmax = init_mod.group_loss(wg, hg, s0, z0, spec.maxq)
-    for search in (None, "banded", "grid"):
+    for search in (None, "multistart", "banded", "grid"):
         s, z = init_mod._init_neuqi(wg, hg, spec.maxq, search=search)
         loss = init_mod.group_loss(wg, hg, s, z, spec.maxq)
         ratio = loss.double() / opt
         assert ratio.mean() <= 1.0005 and ratio.max() <= 1.01, (search, ratio.mean(), ratio.max())
         assert (loss <= minmax * (1 + 1e-6)).all(), search
+        if search is None:  # the flank sweeps: without them the 4-bit mean is 1.00034 here
+            assert ratio.mean() <= 1.0002, ratio.mean()
 
 
 @pytest.mark.parametrize("init,n", [("neuqi", 64), ("neuqi", 320), ("neuqi_int", 64), ("neuqi_int", 320)])

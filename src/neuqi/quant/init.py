@@ -705,8 +705,22 @@ MULTI_ZEROS = 16
 MULTI_ZERO_STEPS = 2
 MULTI_STEPS = 2
 MULTI_SEP = 0.05
-# Where the multi-start search is the default: groups shorter than UB_MIN_LEN, 2-4 bits.
+# Where the multi-start search is the default: 2-4 bits, any group length.
 MULTI_DEFAULT_MAXQ = (3, 7, 15)
+# Long rows (``UB_MIN_LEN`` or more: channel-wise, g256+) sweep each valley's floor:
+# pattern sweeps at both valleys' points times ``1 + f`` for ``f`` in ``(0,) +
+# MULTI_FLANKS``, then one more at the best scale.  There the best scale is a lucky one
+# among many nearly equal (each weight's rounding error changes with the scale), which
+# two sweeps at the valleys' points miss: on SmolLM2's block 3 at 4-bit channel-wise
+# they left the mean 1.00021 of the dense optimum and the worst row 1.021 (a first
+# valley whose direct-evaluation zero was poor, and a second whose floor lay 3 % from
+# its point); with the flanks the mean is 1.00007 and the worst 1.0033, against 1.00021
+# and 1.0051 for the exact grid search, 3.5x faster than it (3-bit, blocks 3 and 12:
+# mean 1.000012 and 1.000040 against 1.000055 and 1.000070, worst 1.0015 and 1.0092
+# against 1.0017 and 1.0017; bench/neuqi_search_speed.py, 2026-12-07).  On groups of
+# 64 the flanks would double the search's cost, and two sweeps already reach the dense
+# optimum there.
+MULTI_FLANKS = (-0.03, 0.03)
 
 NEUQI_SEARCHES = ("multistart", "banded", "patterns", "grid")
 
@@ -717,15 +731,14 @@ def _init_neuqi(
 ) -> tuple[Tensor, Tensor]:
     """NeUQI's float-zero search: ``(scale, zero)`` per group row of ``wg, hg: [G, n]``.
 
-    ``search`` None (default): :func:`_init_neuqi_multistart` on 2- to 4-bit groups
-    shorter than ``UB_MIN_LEN``; the bounded exact grid search over the whole range
-    (:func:`_init_neuqi_grid`) on longer rows, at other bit widths, and whenever the
-    zero is constrained (``max_clip``, ``zero_limit``), which the fitted grids of the
-    other searches do not respect.  ``"multistart"``, ``"banded"``
-    (:func:`_init_neuqi_banded`: 1.4-2.2x faster on channel-wise rows, not the default
-    while two seeds left its end-to-end effect unsettled), ``"patterns"``
-    (:func:`_init_neuqi_patterns`, the default on short groups before the multi-start
-    search) and ``"grid"`` force one search where the zero is free.
+    ``search`` None (default): :func:`_init_neuqi_multistart` at 2 to 4 bits (with flank
+    sweeps on rows of ``UB_MIN_LEN`` or more); the bounded exact grid search over the
+    whole range (:func:`_init_neuqi_grid`) at other bit widths, and whenever the zero is
+    constrained (``max_clip``, ``zero_limit``), which the fitted grids of the other
+    searches do not respect.  ``"multistart"``, ``"banded"`` (:func:`_init_neuqi_banded`),
+    ``"patterns"`` (:func:`_init_neuqi_patterns`, the default on short groups before the
+    multi-start search) and ``"grid"`` (the default on long rows until 2026-12-07) force
+    one search where the zero is free.
     """
     if search is not None and search not in NEUQI_SEARCHES:
         raise ValueError(f"search must be one of {NEUQI_SEARCHES}, got {search!r}")
@@ -735,7 +748,7 @@ def _init_neuqi(
         return _init_neuqi_patterns(wg, hg, maxq)
     if search == "banded":
         return _init_neuqi_banded(wg, hg, maxq)
-    if search == "multistart" or (maxq in MULTI_DEFAULT_MAXQ and wg.shape[1] < UB_MIN_LEN):
+    if search == "multistart" or maxq in MULTI_DEFAULT_MAXQ:
         return _init_neuqi_multistart(wg, hg, maxq)
     return _init_neuqi_grid(wg, hg, maxq)
 
@@ -834,8 +847,9 @@ def _init_neuqi_multistart(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, T
     a pattern sweep (:func:`fitted_patterns`) at the second valley's best point
     explores that valley's floor, and a second at the best scale so far (the first
     valley's, unless the first sweep beat it) refines it.  Two sorted sweeps in all,
-    where the pattern search needs 14.  Min-max's own point is the starting incumbent,
-    so no group ends worse.
+    where the pattern search needs 14.  Rows of ``UB_MIN_LEN`` or more take seven:
+    both valleys' points and their flanks (``MULTI_FLANKS``), then the best scale.
+    Min-max's own point is the starting incumbent, so no group ends worse.
 
     No exact best-zero sweep follows.  The last pattern sweep's best is already at
     least as good as the exact zero at the sweep's own scale (each pattern gets its own
@@ -847,7 +861,12 @@ def _init_neuqi_multistart(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, T
     best = _Best.minmax(wg, hg, maxq)
     s1, z1, s2 = _multistart_points(wg, hg, maxq)
     best.take(s1, z1, group_loss(wg, hg, s1, z1, maxq))  # scored as the caller will score it
-    best.take(*fitted_patterns(wg, hg, s2, maxq))
+    # Long rows sweep each valley's floor (MULTI_FLANKS); short groups the second
+    # valley's point only.
+    flanks = (0.0, *MULTI_FLANKS) if wg.shape[1] >= UB_MIN_LEN else (0.0,)
+    for centre in (s2, s1) if len(flanks) > 1 else (s2,):
+        for f in flanks:
+            best.take(*fitted_patterns(wg, hg, centre * (1 + f) if f else centre, maxq))
     best.take(*fitted_patterns(wg, hg, best.s, maxq))
     return best.s, best.z
 
