@@ -85,9 +85,9 @@ class QuantConfig:
         0, "coordinate-descent sweeps over the codes after every solve: each code moves to the "
            "grid point that minimises its row's output error given all the others (0: off)")
     search: str = option(
-        "auto", "NeUQI's scale search (--init neuqi): auto (multi-start on groups shorter than 256, "
-                "the exact grid on longer rows) | multistart | banded (the grid around the "
-                "multi-start valleys: faster channel-wise) | patterns | grid")
+        "auto", "NeUQI's scale search (--init neuqi): auto (multi-start at 2-4 bits, with flank "
+                "sweeps on rows of 256+; the exact grid elsewhere) | multistart | banded (the grid "
+                "around the multi-start valleys) | patterns | grid (the exact grid everywhere)")
     fp_target: float = option(
         0.0, "ALPHA in (0, 1]: each linear matches W's output on x_q + ALPHA (x_fp - x_q) from the "
              "quantized model's input x_q, so the earlier layers' error is corrected, not only "
