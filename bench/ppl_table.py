@@ -55,6 +55,8 @@ METHODS: dict[str, dict] = {
     "MagR+LDLQ": {"method": "ldlq", "init": "minmax", "magr": True},
     "NeUQI_int+LDLQ": {"method": "ldlq", "init": "neuqi_int"},
     "NeUQI+LDLQ": {"method": "ldlq", "init": "neuqi"},
+    # The exact grid search everywhere (the channel-wise default until 2026-12-07).
+    "NeUQI+LDLQ grid": {"method": "ldlq", "init": "neuqi", "search": "grid"},
     # Beyond the paper (issue 18): per-row choice among inits and least-squares refits.
     "MSE+LDLQ": {"method": "ldlq", "init": "mse"},
     "NeUQI_int+LDLQ refit": {"method": "ldlq", "init": "neuqi_int", "refit": 4},
