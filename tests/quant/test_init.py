@@ -164,6 +164,26 @@ def test_fit_sweep_scores_every_pattern_by_its_own_least_squares_grid(maxq):
     assert (loss <= res * (1 + 1e-5) + 1e-7).all()
 
 
+@given(seed=st.integers(0, 2**16), maxq=st.sampled_from([3, 7, 15]), shift=st.floats(-6.0, 6.0))
+@settings(max_examples=25, deadline=None)
+def test_a_pattern_sweep_around_a_point_never_ends_worse_than_that_point(seed, maxq, shift):
+    """The sweep ``around=z`` covers the unit windows about ``z``, so the point's own
+    code pattern is among those it fits: its best is at most the point's loss, wherever
+    the zero lies (``shift`` moves it off the group's range too).  A pattern of one code
+    has no fit: where every pattern swept is one, the loss is inf (callers keep their
+    point)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(10, 300, generator=gen) * torch.rand(10, 1, generator=gen)
+    h = torch.rand(10, 300, generator=gen) ** 3 + 1e-4
+    s = init_mod.minmax_scale(w, maxq) * (0.5 + torch.rand(10, generator=gen))
+    z = -w.amin(1) / s + shift * torch.rand(10, generator=gen)
+    _, _, loss = init_mod.fitted_patterns(w, h, s, maxq, around=z)
+    point = init_mod.group_loss(w, h, s, z, maxq)
+    q = torch.clamp(torch.round(w / s[:, None] + z[:, None]), 0, maxq)
+    fits = q.amax(1) > q.amin(1)  # the point's own pattern has two codes or more
+    assert (loss[fits] <= point[fits] * (1 + 1e-5) + 1e-9).all(), (loss / point).max()
+
+
 def test_all_zero_importances_fall_back_to_uniform_weights():
     w = torch.randn(8, 32)
     spec = QuantSpec(3, 16)

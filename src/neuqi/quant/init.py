@@ -180,19 +180,23 @@ def _sweep_windows(u: Tensor, h: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
 
 
 def _chunked(
-    u: Tensor, h: Tensor, maxq: int, z_range: tuple[Tensor, Tensor] | None = None, fit: bool = False
+    u: Tensor, h: Tensor, maxq: int, z_range: tuple[Tensor, Tensor] | None = None, fit: bool = False,
+    around: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Run the sweep over chunks of groups sized to the device (bounded memory).
 
     Without a zero range the groups are split by how many unit windows their
     sweep needs (:func:`_sweep_windows`): one or two sizes for a candidate scale
     shared by a layer's groups, each run with windows of that size only.
-    ``fit``: run :func:`_fit_sweep_chunk` instead of the best-zero sweep."""
+    ``fit``: run :func:`_fit_sweep_chunk` instead of the best-zero sweep; with
+    ``around: [G]`` (zeros), over the ``FIT_AROUND_WINDOWS`` unit windows centred there only."""
     G, n = u.shape
     budget = _CHUNK_ELEMENTS.get(u.device.type, 1 << 20)
     outs = [torch.empty(G, dtype=u.dtype, device=u.device) for _ in range(3 if fit else 2)]
     sizes = [maxq]
-    if z_range is None:
+    if around is not None:
+        start, sizes = around.double() - FIT_AROUND_WINDOWS / 2, [FIT_AROUND_WINDOWS]
+    elif z_range is None:
         start, windows = _sweep_windows(u, h, maxq)
         counts = torch.bincount(windows, minlength=maxq + 1).tolist()
         sizes = [w for w, c in enumerate(counts) if c]
@@ -390,7 +394,14 @@ def _fit_sweep_chunk(
     return tuple(x.to(u.dtype) for x in out)
 
 
-def fitted_patterns(wg: Tensor, hg: Tensor, s: Tensor, maxq: int) -> tuple[Tensor, Tensor, Tensor]:
+# Unit windows of the zero that a pattern sweep around a known point covers
+# (``fitted_patterns(..., around=z)``): the point's own window and half a window each side.
+FIT_AROUND_WINDOWS = 2
+
+
+def fitted_patterns(
+    wg: Tensor, hg: Tensor, s: Tensor, maxq: int, around: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """The best least-squares grid over the code patterns the zero sweep at scale
     ``s: [G]`` passes through (:func:`_fit_sweep_chunk`).
 
@@ -400,8 +411,12 @@ def fitted_patterns(wg: Tensor, hg: Tensor, s: Tensor, maxq: int) -> tuple[Tenso
     fits, the input scale with zero 0 and an infinite loss.  Costs about one
     :func:`best_zero` sweep, yet each piece gets its own scale and zero, so a few
     scales reach what the exact zero at every scale of a fine grid reaches.
+    ``around: [G]``: sweep only the zeros within a unit of these
+    (``FIT_AROUND_WINDOWS``), not every window that can hold the best zero at ``s``
+    (:func:`_sweep_windows`: ``|range/s − maxq| + 2`` of them, ~5 at 3 bits and ~8 at
+    4 bits near a channel-wise row's best scale).
     """
-    a, b, res = _chunked(wg / s[:, None], hg, maxq, fit=True)
+    a, b, res = _chunked(wg / s[:, None], hg, maxq, fit=True, around=around)
     ok = torch.isfinite(res) & (a > 0)
     scale = torch.where(ok, s * a, s)
     zero = torch.where(ok, -b / torch.where(ok, a, 1.0), 0.0)
@@ -709,17 +724,20 @@ MULTI_SEP = 0.05
 MULTI_DEFAULT_MAXQ = (3, 7, 15)
 # Long rows (``UB_MIN_LEN`` or more: channel-wise, g256+) sweep each valley's floor:
 # pattern sweeps at both valleys' points times ``1 + f`` for ``f`` in ``(0,) +
-# MULTI_FLANKS``, then one more at the best scale.  There the best scale is a lucky one
-# among many nearly equal (each weight's rounding error changes with the scale), which
-# two sweeps at the valleys' points miss: on SmolLM2's block 3 at 4-bit channel-wise
-# they left the mean 1.00021 of the dense optimum and the worst row 1.021 (a first
-# valley whose direct-evaluation zero was poor, and a second whose floor lay 3 % from
-# its point); with the flanks the mean is 1.00007 and the worst 1.0033, against 1.00021
-# and 1.0051 for the exact grid search, 3.5x faster than it (3-bit, blocks 3 and 12:
-# mean 1.000012 and 1.000040 against 1.000055 and 1.000070, worst 1.0015 and 1.0092
-# against 1.0017 and 1.0017; bench/neuqi_search_speed.py, 2026-12-07).  On groups of
-# 64 the flanks would double the search's cost, and two sweeps already reach the dense
-# optimum there.
+# MULTI_FLANKS``, then one more at the best scale, each over the two unit windows of the
+# zero about its point (``FIT_AROUND_WINDOWS``, the zero moved with the scale by
+# :func:`aligned_zero`) instead of the ~5 (3-bit) to ~8 (4-bit) that can hold the best
+# zero.  There the best scale is a lucky one among many nearly equal (each weight's
+# rounding error changes with the scale), which two sweeps at the valleys' points miss:
+# on SmolLM2's block 3 at 4-bit channel-wise they left the mean 1.00021 of the dense
+# optimum and the worst row 1.021 (a first valley whose direct-evaluation zero was poor,
+# and a second whose floor lay 3 % from its point).  With the flanks the mean is 1.00007
+# and the worst 1.0033, against 1.00021 and 1.0051 for the exact grid search, 5.9x
+# faster than it (3-bit, blocks 3 and 12: mean 1.000013 and 1.000040 against 1.000055
+# and 1.000070, worst 1.0015 and 1.0092 against 1.0017 and 1.0017; the two-window
+# sweeps changed no figure beyond the sixth digit of a mean and took the block from 2.0-2.4 s
+# to 1.3-1.4 s).  On groups of 64 the flanks would double the search's cost, and two
+# sweeps already reach the dense optimum there.
 MULTI_FLANKS = (-0.03, 0.03)
 
 NEUQI_SEARCHES = ("multistart", "banded", "patterns", "grid")
@@ -770,7 +788,7 @@ def _init_neuqi_banded(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tenso
     46.15 and 46.18 (4-bit: 26.50 against 26.58, one seed): worse on one seed, better on
     the other, so it stays opt-in (``search="banded"``, ``--search banded``).
     """
-    s1, z1, s2 = _multistart_points(wg, hg, maxq)
+    s1, z1, s2, _ = _multistart_points(wg, hg, maxq)
     return _init_neuqi_grid(wg, hg, maxq, centres=(s1, s2), incumbent=(s1, z1))
 
 
@@ -812,27 +830,39 @@ def _multistart_chunk(
     return best_s, best_z, best_l
 
 
-def _multistart_points(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tensor, Tensor]:
+def aligned_zero(wg: Tensor, hg: Tensor, s: Tensor, z: Tensor, s_new: Tensor) -> Tensor:
+    """The zero that keeps the group's h-weighted mean weight on the same (fractional)
+    code when the scale moves from ``s`` to ``s_new`` (all ``[G]``): where a pattern
+    sweep at ``s_new`` around a point found at ``s`` should look."""
+    w_bar = (hg * wg).sum(1) / hg.sum(1)
+    return z + w_bar / s - w_bar / s_new
+
+
+def _multistart_points(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`_multistart_chunk` from ``MULTI_RATIOS`` start scales, over chunks of groups.
 
-    Returns ``(s1, z1, s2)``, each ``[G]``: the best point reached, and the scale of the
-    best one at least ``MULTI_SEP`` away from ``s1`` (a second valley; ``0.85·s1``
-    where every start ended near ``s1``)."""
+    Returns ``(s1, z1, s2, z2)``, each ``[G]``: the best point reached, and the best one
+    at least ``MULTI_SEP`` away from ``s1`` in scale (a second valley; where every start
+    ended near ``s1``, ``0.85·s1`` with the zero aligned to ``z1``)."""
     G, n = wg.shape
     s0 = minmax_scale(wg, maxq)
     ratios = torch.linspace(MULTI_LOW, MULTI_HIGH, MULTI_RATIOS, device=wg.device, dtype=wg.dtype)
     chunk = _chunk_rows(n * MULTI_RATIOS, wg.device) * DIRECT_CHUNK_SCALE
-    outs = [torch.empty(G, device=wg.device, dtype=wg.dtype) for _ in range(3)]
+    outs = [torch.empty(G, device=wg.device, dtype=wg.dtype) for _ in range(4)]
     for c, start in enumerate(range(0, G, chunk)):
         part = slice(start, start + chunk)
         s, z, loss = _run_sweep(_multistart_chunk, wg[part], hg[part], s0[part, None] * ratios, maxq,
                                 MULTI_ZEROS, MULTI_ZERO_STEPS, MULTI_STEPS)
         i = loss.argmin(1, keepdim=True)
-        s1 = s.gather(1, i)
+        s1, z1 = s.gather(1, i), z.gather(1, i)
         far = (s / s1 - 1).abs() > MULTI_SEP
         j = torch.where(far, loss, torch.inf).argmin(1, keepdim=True)
-        s2 = torch.where(far.any(1, keepdim=True), s.gather(1, j), 0.85 * s1)
-        for out, x in zip(outs, (s1, z.gather(1, i), s2), strict=True):
+        some = far.any(1, keepdim=True)
+        s2 = torch.where(some, s.gather(1, j), 0.85 * s1)
+        z2 = torch.where(some, z.gather(1, j),
+                         aligned_zero(wg[part], hg[part], s1.squeeze(1), z1.squeeze(1),
+                                      0.85 * s1.squeeze(1))[:, None])
+        for out, x in zip(outs, (s1, z1, s2, z2), strict=True):
             out[part] = x.squeeze(1)
         _trim(c, wg.device)
     return tuple(outs)
@@ -859,15 +889,18 @@ def _init_neuqi_multistart(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, T
     for about a fifth of the search's time.
     """
     best = _Best.minmax(wg, hg, maxq)
-    s1, z1, s2 = _multistart_points(wg, hg, maxq)
+    s1, z1, s2, z2 = _multistart_points(wg, hg, maxq)
     best.take(s1, z1, group_loss(wg, hg, s1, z1, maxq))  # scored as the caller will score it
-    # Long rows sweep each valley's floor (MULTI_FLANKS); short groups the second
-    # valley's point only.
-    flanks = (0.0, *MULTI_FLANKS) if wg.shape[1] >= UB_MIN_LEN else (0.0,)
-    for centre in (s2, s1) if len(flanks) > 1 else (s2,):
-        for f in flanks:
-            best.take(*fitted_patterns(wg, hg, centre * (1 + f) if f else centre, maxq))
-    best.take(*fitted_patterns(wg, hg, best.s, maxq))
+    if wg.shape[1] < UB_MIN_LEN:  # short groups: the second valley's point, then the best
+        best.take(*fitted_patterns(wg, hg, s2, maxq))
+        best.take(*fitted_patterns(wg, hg, best.s, maxq))
+        return best.s, best.z
+    # Long rows: each valley's floor (MULTI_FLANKS), every sweep around its point's zero.
+    for centre, zero in ((s2, z2), (s1, z1)):
+        for f in (0.0, *MULTI_FLANKS):
+            s = centre * (1 + f)
+            best.take(*fitted_patterns(wg, hg, s, maxq, around=aligned_zero(wg, hg, centre, zero, s)))
+    best.take(*fitted_patterns(wg, hg, best.s, maxq, around=best.z))
     return best.s, best.z
 
 
