@@ -395,7 +395,7 @@ def _fit_sweep_chunk(
 
 
 # Unit windows of the zero that a pattern sweep around a known point covers
-# (``fitted_patterns(..., around=z)``): the point's own window and half a window each side.
+# (``fitted_patterns(..., around=z)``): ``[z − 1, z + 1)``, a unit each side of the point.
 FIT_AROUND_WINDOWS = 2
 
 
