@@ -830,11 +830,10 @@ def _multistart_chunk(
     return best_s, best_z, best_l
 
 
-def aligned_zero(wg: Tensor, hg: Tensor, s: Tensor, z: Tensor, s_new: Tensor) -> Tensor:
-    """The zero that keeps the group's h-weighted mean weight on the same (fractional)
-    code when the scale moves from ``s`` to ``s_new`` (all ``[G]``): where a pattern
-    sweep at ``s_new`` around a point found at ``s`` should look."""
-    w_bar = (hg * wg).sum(1) / hg.sum(1)
+def aligned_zero(w_bar: Tensor, s: Tensor, z: Tensor, s_new: Tensor) -> Tensor:
+    """The zero that keeps the group's h-weighted mean weight ``w_bar`` on the same
+    (fractional) code when the scale moves from ``s`` to ``s_new`` (all ``[G]``): where a
+    pattern sweep at ``s_new`` around a point found at ``s`` should look."""
     return z + w_bar / s - w_bar / s_new
 
 
@@ -859,9 +858,8 @@ def _multistart_points(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tenso
         j = torch.where(far, loss, torch.inf).argmin(1, keepdim=True)
         some = far.any(1, keepdim=True)
         s2 = torch.where(some, s.gather(1, j), 0.85 * s1)
-        z2 = torch.where(some, z.gather(1, j),
-                         aligned_zero(wg[part], hg[part], s1.squeeze(1), z1.squeeze(1),
-                                      0.85 * s1.squeeze(1))[:, None])
+        w_bar = (hg[part] * wg[part]).sum(1, keepdim=True) / hg[part].sum(1, keepdim=True)
+        z2 = torch.where(some, z.gather(1, j), aligned_zero(w_bar, s1, z1, 0.85 * s1))
         for out, x in zip(outs, (s1, z1, s2, z2), strict=True):
             out[part] = x.squeeze(1)
         _trim(c, wg.device)
@@ -896,10 +894,11 @@ def _init_neuqi_multistart(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, T
         best.take(*fitted_patterns(wg, hg, best.s, maxq))
         return best.s, best.z
     # Long rows: each valley's floor (MULTI_FLANKS), every sweep around its point's zero.
+    w_bar = (hg * wg).sum(1) / hg.sum(1)
     for centre, zero in ((s2, z2), (s1, z1)):
         for f in (0.0, *MULTI_FLANKS):
             s = centre * (1 + f)
-            best.take(*fitted_patterns(wg, hg, s, maxq, around=aligned_zero(wg, hg, centre, zero, s)))
+            best.take(*fitted_patterns(wg, hg, s, maxq, around=aligned_zero(w_bar, centre, zero, s)))
     best.take(*fitted_patterns(wg, hg, best.s, maxq, around=best.z))
     return best.s, best.z
 
