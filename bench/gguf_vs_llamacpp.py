@@ -21,7 +21,9 @@ Rows per type:
 * any neuqi row followed by ``+distill`` (``neuqi-damp0.1-cd3+distill``): that run, then
   ``neuqi distill`` against the FP model on ``--distill-nsamples`` × ``--distill-seqlen``
   tokens of c4-sample (each type's stored floats trained, its integers kept), exported;
-  ``+distill-kl`` the same with ``--loss kl`` (the logits' KL, llama.cpp's own measure).
+  ``+distill-kl`` the same with ``--loss kl`` (the logits' KL, llama.cpp's own measure);
+  ``@LR`` after either (``neuqi+distill-kl@1e-3``) passes ``--lr LR`` (a GGUF run's
+  rates are relative: ``neuqi.distill.student``).
 
 Quality is measured by ``llama-perplexity`` (``-c ctx``, first ``chunks`` chunks) on
 wiki-sample and brown, and its ``--kl-divergence`` mode against the FP GGUF on
@@ -133,12 +135,13 @@ NEUQI_ROWS: dict[str, dict] = {
 DISTILL = {"+distill": "mse", "+distill-kl": "kl"}
 
 
-def split_row(row: str) -> tuple[str, str | None]:
-    """``(neuqi row, distillation loss or None)``."""
+def split_row(row: str) -> tuple[str, str | None, str | None]:
+    """``(neuqi row, distillation loss or None, distillation lr or None)``."""
+    row, _, lr = row.partition("@")
     for suffix, loss in DISTILL.items():
         if row.endswith(suffix):
-            return row.removesuffix(suffix), loss
-    return row, None
+            return row.removesuffix(suffix), loss, lr or None
+    return row, None, None
 
 
 def neuqi_gguf(model: str, t: str, row: str, args, work: Path) -> tuple[Path, float, float]:
@@ -147,7 +150,7 @@ def neuqi_gguf(model: str, t: str, row: str, args, work: Path) -> tuple[Path, fl
     export s)."""
     from neuqi.pipeline.config import RunConfig
 
-    base_row, loss = split_row(row)
+    base_row, loss, lr = split_row(row)
     opts = NEUQI_ROWS[base_row]
     base, over = parse_type(t)
     gguf_tensor = ",".join(f"{HF_LINEAR[n]}={ty}" for n, ty in over.items())
@@ -164,13 +167,14 @@ def neuqi_gguf(model: str, t: str, row: str, args, work: Path) -> tuple[Path, fl
                      "--out-dir", str(work / "runs"), "--eval", "", "-q"], work / f"{out.stem}.quantize.log")
     if loss is not None:
         n, L = args.distill_nsamples, args.distill_seqlen
-        tag = "" if loss == "mse" else f"-{loss}"
+        tag = ("" if loss == "mse" else f"-{loss}") + (f"-lr{lr}" if lr else "")
         dist_root = work / f"runs{tag}"
         src, run_dir = run_dir, dist_root / f"{run_dir.name}.distill.n{n}.L{L}"
         out = out.with_name(f"{out.stem}-distill-n{n}-L{L}{tag}.gguf")
         if not (run_dir / "result.json").exists():
             q_s += timed([*NEUQI, "distill", str(src), "--teacher", str(fetch_model(cache_dir(), model)),
                           "--nsamples", str(n), "--seqlen", str(L), "--loss", loss,
+                          *(["--lr", lr] if lr else []),
                           "--out-dir", str(dist_root), "--eval", "", "--resume", "-q"],
                          work / f"{out.stem}.distill.log")
     if not out.exists():
@@ -296,7 +300,7 @@ def main() -> None:
     rows = args.rows.split(",")
     if bad := [r for r in rows if r not in ("llama", "llama-imatrix") and split_row(r)[0] not in NEUQI_ROWS]:
         raise SystemExit(f"unknown row(s) {bad}; choose llama, llama-imatrix or {', '.join(NEUQI_ROWS)} "
-                         f"(each optionally followed by {' or '.join(DISTILL)})")
+                         f"(each optionally followed by {' or '.join(DISTILL)}, then @LR)")
     imatrix = work / "imatrix.gguf"
     if "llama-imatrix" in rows and not imatrix.exists():
         calib = calibration_text(args.model, args.nsamples, args.seqlen, 0, work / "calib.txt")

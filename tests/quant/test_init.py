@@ -315,6 +315,30 @@ def test_every_search_on_long_rows_is_near_the_dense_optimum(bits):
             assert ratio.mean() <= 1.0002, ratio.mean()
 
 
+def test_short_group_flanks_run_on_the_near_ties_only(monkeypatch):
+    """4-bit groups of 64: where the two valleys' points nearly tie (``MULTI_TIE``) the
+    result is the one flanks on every group give, elsewhere the one without flanks, so
+    the gather and the scatter back keep every group its own parameters."""
+    torch.manual_seed(4)
+    spec = QuantSpec(4, 64)
+    w = torch.distributions.StudentT(4.0).sample((32, 256)) * 0.02
+    h = torch.rand(256) ** 3 + 1e-3
+    wg, hg, _ = init_mod.to_groups(w, spec, h)
+    s1, z1, s2, z2 = init_mod._multistart_points(wg, hg, spec.maxq)
+    l1, l2 = (init_mod.group_loss(wg, hg, s, z, spec.maxq) for s, z in ((s1, z1), (s2, z2)))
+    tie = l2 <= init_mod.MULTI_TIE * l1
+    assert 0 < int(tie.sum()) < len(tie)  # both kinds of group are here
+    got = {}
+    for name, gate in (("gated", init_mod.MULTI_TIE), ("all", math.inf), ("none", -1.0)):
+        monkeypatch.setattr(init_mod, "MULTI_TIE", gate)
+        got[name] = init_mod._init_neuqi(wg, hg, spec.maxq)
+    for i in (0, 1):
+        assert torch.equal(got["gated"][i][tie], got["all"][i][tie])
+        assert torch.equal(got["gated"][i][~tie], got["none"][i][~tie])
+    loss = {k: init_mod.group_loss(wg, hg, *v, spec.maxq) for k, v in got.items()}
+    assert (loss["gated"] <= loss["none"]).all() and (loss["gated"] < loss["none"]).any()
+
+
 @pytest.mark.parametrize("init,n", [("neuqi", 64), ("neuqi", 320), ("neuqi_int", 64), ("neuqi_int", 320)])
 def test_compiled_searches_compile_once_whatever_the_number_of_groups(monkeypatch, init, n):
     """A chunk of one group, or a sweep of one window, must not make a compiled kernel

@@ -24,14 +24,18 @@ class GGUFStudentLinear(QuantLinear):
     """A GGUF linear being distilled: ``scale = d·k``, ``offset = −dmin·m`` per group
     (asymmetric types) or ``−scale·z`` (symmetric: the zero ``c`` or ``c − 1`` fixed).
 
-    The trainable values are ``step = d·k̄`` and ``min_step = dmin·m̄`` ``[n_super,
-    out]``, with ``k̄``, ``m̄`` the super-block's mean integers times ``2^(bits−4)`` above
-    4 bits.  The learning rate is absolute (the paper's 3e-4 for 2–4-bit steps); so an
-    optimizer step moves a sub-block's step about as far, relative to it, as it moves a
-    4-bit grid's step over the same weights — without the factors an 8-bit step (or a
-    ``d`` that an integer up to 127 multiplies) would move 16–127 times as far.
+    The trainable values are relative, so that one learning rate means the same on
+    every model and type: ``step = d / d₀`` (1 at the start: an optimizer step moves
+    each super-block's ``d`` by about ``lr`` of itself, so every weight by about ``lr``
+    of itself) and ``min_step = dmin·m̄ / (d₀·k̄)``, the super-block's mean min in codes
+    of its mean sub-block step at the start (an optimizer step shifts it by about
+    ``lr`` codes).  ``k̄``, ``m̄``: the super-block's mean integers.  Until 2026-12-07
+    the steps trained in weight units (``d·k̄`` times ``2^(bits−4)``) at an absolute
+    rate, and ``lr`` 3e-4 broke Qwen2.5-Coder-0.5B at Q4_0 (its steps are smaller than
+    SmolLM2's: each optimizer step moved them by several percent).
     ``k``, ``m``, ``z``: ``[n_groups, out]`` frozen (block-32 types: one group per
-    super-block, ``k = m = 1``).
+    super-block, ``k = m = 1``); ``kbar = 1/d₀`` and ``mbar = m̄/(d₀·k̄)`` ``[n_super,
+    out]`` turn the trainable values back into ``(d, dmin)``.
     """
 
     def factors(self) -> tuple[Tensor, Tensor | None]:
@@ -89,8 +93,8 @@ def _to_gguf_student(mod: QuantLinear) -> list[nn.Parameter]:
     else:
         d, dmin, k, m = scale, -offset, ones, ones
         z = torch.round(-offset / scale)
-    unit = 2.0 ** max(0, t.bits - 4)
-    kbar, mbar = _super_mean(k, t.subs) * unit, _super_mean(m, t.subs) * unit
+    d0 = torch.where(d.abs() > 0, d.abs(), torch.ones_like(d))  # an all-zero block's d is 0
+    kbar, mbar = 1.0 / d0, _super_mean(m, t.subs) / (d0 * _super_mean(k, t.subs))
     mod.__class__ = GGUFStudentLinear
     mod.asymmetric, mod.kquant = t.asymmetric, t.is_kquant
     for name, value in (("k", k), ("m", m), ("z", z), ("kbar", kbar), ("mbar", mbar)):
