@@ -741,7 +741,7 @@ MULTI_DEFAULT_MAXQ = (3, 7, 15)
 MULTI_FLANKS = (-0.03, 0.03)
 # Short groups at 4 bits add two-window sweeps at ``1 + f`` times both valleys' points
 # after their two sweeps, on the groups whose second valley's point is within
-# ``MULTI_TIE`` of the first's loss (:func:`_flank_near_ties`: 5 % of the groups of
+# ``MULTI_TIE`` of the first's loss (:func:`_near_ties`: 5 % of the groups of
 # SmolLM2's blocks 3 and 12).  The two sweeps left one group of block 3 at 4-bit g64
 # 1.44 % above the dense optimum (issue #19 asks for at most 1 %): its valleys nearly
 # tie (0.2 %).  With the gated flanks the worst group of block 3 is 1.0084 and of
@@ -908,42 +908,46 @@ def _init_neuqi_multistart(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, T
     if wg.shape[1] < UB_MIN_LEN:  # short groups: the second valley's point, then the best
         best.take(*fitted_patterns(wg, hg, s2, maxq))
         best.take(*fitted_patterns(wg, hg, best.s, maxq))
-        if flanks := MULTI_SHORT_FLANKS.get(maxq, ()):
-            _flank_near_ties(best, wg, hg, maxq, w_bar, (s1, z1, l1), (s2, z2), flanks)
+        if flanks := MULTI_SHORT_FLANKS.get(maxq, ()):  # where the valleys nearly tie
+            ties = _near_ties(wg, hg, maxq, l1, (s2, z2), MULTI_TIE)
+            _flank_sweeps(best, wg, hg, maxq, w_bar, ((s1, z1), (s2, z2)), flanks, ties)
         return best.s, best.z
     # Long rows: each valley's floor (MULTI_FLANKS), every sweep around its point's zero.
-    for centre, zero in ((s2, z2), (s1, z1)):
-        for f in (0.0, *MULTI_FLANKS):
-            s = centre * (1 + f)
-            best.take(*fitted_patterns(wg, hg, s, maxq, around=aligned_zero(w_bar, centre, zero, s)))
+    # (Gating the second valley's sweeps on near ties, as short 4-bit groups do, saves
+    # little here: on SmolLM2's block 3 at 3 bits 81 % of rows are within 5 %, and at
+    # 2 % the worst row went from 1.0015 to 1.0064.)
+    _flank_sweeps(best, wg, hg, maxq, w_bar, ((s2, z2), (s1, z1)), (0.0, *MULTI_FLANKS))
     best.take(*fitted_patterns(wg, hg, best.s, maxq, around=best.z))
     return best.s, best.z
 
 
-def _flank_near_ties(
-    best: _Best, wg: Tensor, hg: Tensor, maxq: int, w_bar: Tensor,
-    first: tuple[Tensor, Tensor, Tensor], second: tuple[Tensor, Tensor], flanks: tuple[float, ...],
-) -> None:
-    """Two-window pattern sweeps at ``1 + f`` times both valleys' points, on the groups
-    whose second valley's point is within ``MULTI_TIE`` of the first's loss only.
+def _near_ties(wg: Tensor, hg: Tensor, maxq: int, l1: Tensor, second: tuple[Tensor, Tensor],
+               tie: float) -> Tensor:
+    """Indices of the groups whose second valley's point ``second = (s2, z2)`` is within
+    ``tie`` of the first's loss ``l1`` (``[G]``): one host sync."""
+    return torch.nonzero(group_loss(wg, hg, *second, maxq) <= tie * l1).squeeze(1)
 
-    ``first = (s1, z1, loss1)``, ``second = (s2, z2)``, each ``[G]``; updates ``best``.
-    Where the two valleys nearly tie, the sweeps at their points can land in the wrong
-    one; elsewhere the flanks found nothing the two sweeps had not (SmolLM2 block 3,
-    4-bit g64).  One host sync per call, to gather the groups."""
-    s1, z1, l1 = first
-    s2, z2 = second
-    idx = torch.nonzero(group_loss(wg, hg, s2, z2, maxq) <= MULTI_TIE * l1).squeeze(1)
-    if idx.numel() == 0:
+
+def _flank_sweeps(
+    best: _Best, wg: Tensor, hg: Tensor, maxq: int, w_bar: Tensor,
+    points: tuple[tuple[Tensor, Tensor], ...], factors: tuple[float, ...], rows: Tensor | None = None,
+) -> None:
+    """Two-window pattern sweeps at ``1 + f`` times each point ``(s, z)`` (each ``[G]``)
+    for ``f`` in ``factors``, the zero moved with the scale (:func:`aligned_zero`), on the
+    groups ``rows`` only (None: all); updates ``best``."""
+    if rows is not None:
+        if rows.numel() == 0:
+            return
+        sub = _Best(best.s[rows], best.z[rows], best.loss[rows])
+        _flank_sweeps(sub, wg[rows], hg[rows], maxq, w_bar[rows],
+                      tuple((s[rows], z[rows]) for s, z in points), factors)
+        best.s, best.z, best.loss = (x.index_copy(0, rows, y) for x, y in
+                                     ((best.s, sub.s), (best.z, sub.z), (best.loss, sub.loss)))
         return
-    w, h, wb = wg[idx], hg[idx], w_bar[idx]
-    sub = _Best(best.s[idx], best.z[idx], best.loss[idx])
-    for centre, zero in ((s1[idx], z1[idx]), (s2[idx], z2[idx])):
-        for f in flanks:
+    for centre, zero in points:
+        for f in factors:
             s = centre * (1 + f)
-            sub.take(*fitted_patterns(w, h, s, maxq, around=aligned_zero(wb, centre, zero, s)))
-    best.s, best.z, best.loss = (x.index_copy(0, idx, y) for x, y in
-                                 ((best.s, sub.s), (best.z, sub.z), (best.loss, sub.loss)))
+            best.take(*fitted_patterns(wg, hg, s, maxq, around=aligned_zero(w_bar, centre, zero, s)))
 
 
 class _Best:
