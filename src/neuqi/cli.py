@@ -180,7 +180,8 @@ def distill(
     nsamples: int = 256,
     seqlen: int = 2048,
     epochs: int = 1,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate (GGUF runs: relative to each step)")] = 3e-4,
+    lr: Annotated[float | None, typer.Option(
+        help="AdamW learning rate; default 3e-4, GGUF runs 1e-3 (relative to each step)")] = None,
     warmup: Annotated[float, typer.Option(help="warm-up fraction of the cosine schedule")] = 0.1,
     batch_size: int = 1,
     grad_accum: int = 1,

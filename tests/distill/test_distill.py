@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import neuqi
-from neuqi.distill import DistillConfig, distill_run
+from neuqi.distill import DistillConfig, distill_run, trainer
 from neuqi.distill.student import make_student, quant_linears
 from neuqi.models.loading import load_model, load_tokenizer
 from neuqi.pipeline.config import RunConfig
@@ -82,7 +82,6 @@ def test_resume_continues_from_the_saved_state(setup, monkeypatch):
     tmp, model, calib, runs = setup
     cfg = DistillConfig(run=str(runs["neuqi_int"]), teacher=str(model), data=str(calib), nsamples=12,
                         seqlen=64, lr=1e-3, eval_sets=[], save_every=4, out_dir=str(tmp / "d"))
-    import neuqi.distill.trainer as trainer
 
     real = trainer.distill_loss
     calls = {"n": 0}
@@ -106,7 +105,7 @@ def test_resume_continues_from_the_saved_state(setup, monkeypatch):
     assert not (tmp / "d" / f".{cfg.run_name()}.state.pt").exists()
 
 
-LR, STEPS = 1e-3, 48
+LR, STEPS = trainer.GGUF_LR, 48  # the default rate of a GGUF run
 # Adam moves a parameter by at most ~lr per step: 2x that over every step (the schedule's
 # warm-up and decay move less), plus fp16's rounding.
 MAX_MOVE = 2 * LR * STEPS + 1e-3
@@ -134,7 +133,8 @@ def test_a_gguf_run_distils_on_its_types_lattice(tmp_path, types):
                     calib=str(calib), nsamples=4, seqlen=64, out_dir=str(tmp_path / "runs"), device="cpu")
     run = quantize_model(cfg, quiet=True)
     out = distill_run(DistillConfig(run=str(run), teacher=str(model), data=str(calib), nsamples=16, seqlen=64,
-                                    epochs=3, lr=LR, eval_sets=[], save_every=0), quiet=True)
+                                    epochs=3, eval_sets=[], save_every=0), quiet=True)
+    assert json.loads((out / "result.json").read_text())["config"]["distilled"]["lr"] == LR
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["zero_point"] == "offset" and qc["gguf_type"] == base
     for entry in over.split(","):
