@@ -870,7 +870,7 @@ def _multistart_points(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, Tenso
         j = torch.where(far, loss, torch.inf).argmin(1, keepdim=True)
         some = far.any(1, keepdim=True)
         s2 = torch.where(some, s.gather(1, j), 0.85 * s1)
-        w_bar = (hg[part] * wg[part]).sum(1, keepdim=True) / hg[part].sum(1, keepdim=True)
+        w_bar = _mean_weight(wg[part], hg[part])[:, None]
         z2 = torch.where(some, z.gather(1, j), aligned_zero(w_bar, s1, z1, 0.85 * s1))
         for out, x in zip(outs, (s1, z1, s2, z2), strict=True):
             out[part] = x.squeeze(1)
@@ -904,21 +904,25 @@ def _init_neuqi_multistart(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, T
     s1, z1, s2, z2 = _multistart_points(wg, hg, maxq)
     l1 = group_loss(wg, hg, s1, z1, maxq)
     best.take(s1, z1, l1)  # scored as the caller will score it
-    w_bar = (hg * wg).sum(1) / hg.sum(1)
     if wg.shape[1] < UB_MIN_LEN:  # short groups: the second valley's point, then the best
         best.take(*fitted_patterns(wg, hg, s2, maxq))
         best.take(*fitted_patterns(wg, hg, best.s, maxq))
         if flanks := MULTI_SHORT_FLANKS.get(maxq, ()):  # where the valleys nearly tie
             ties = _near_ties(wg, hg, maxq, l1, (s2, z2), MULTI_TIE)
-            _flank_sweeps(best, wg, hg, maxq, w_bar, ((s1, z1), (s2, z2)), flanks, ties)
+            _flank_sweeps(best, wg, hg, maxq, _mean_weight(wg, hg), ((s1, z1), (s2, z2)), flanks, ties)
         return best.s, best.z
     # Long rows: each valley's floor (MULTI_FLANKS), every sweep around its point's zero.
     # (Gating the second valley's sweeps on near ties, as short 4-bit groups do, saves
     # little here: on SmolLM2's block 3 at 3 bits 81 % of rows are within 5 %, and at
     # 2 % the worst row went from 1.0015 to 1.0064.)
-    _flank_sweeps(best, wg, hg, maxq, w_bar, ((s2, z2), (s1, z1)), (0.0, *MULTI_FLANKS))
+    _flank_sweeps(best, wg, hg, maxq, _mean_weight(wg, hg), ((s2, z2), (s1, z1)), (0.0, *MULTI_FLANKS))
     best.take(*fitted_patterns(wg, hg, best.s, maxq, around=best.z))
     return best.s, best.z
+
+
+def _mean_weight(wg: Tensor, hg: Tensor) -> Tensor:
+    """Each group's h-weighted mean weight ``[G]`` (what :func:`aligned_zero` keeps on its code)."""
+    return (hg * wg).sum(1) / hg.sum(1)
 
 
 def _near_ties(wg: Tensor, hg: Tensor, maxq: int, l1: Tensor, second: tuple[Tensor, Tensor],
