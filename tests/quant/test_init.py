@@ -164,6 +164,49 @@ def test_fit_sweep_scores_every_pattern_by_its_own_least_squares_grid(maxq):
     assert (loss <= res * (1 + 1e-5) + 1e-7).all()
 
 
+def binned_pattern_reference(u, h, maxq, start, windows, bins):
+    """Brute force for ``_fit_binned_chunk``: the code patterns at the start and just
+    below the end of every bin (``start + m + (i + 1)/bins``), each fitted by lstsq."""
+    out = []
+    for j in range(u.shape[0]):
+        ug, hg = u[j].double(), h[j].double()
+        sw = hg.sqrt()
+        zs = [float(start[j])] + [float(start[j]) + m + (i + 1) / bins - 1e-9
+                                  for m in range(windows) for i in range(bins)]
+        best = math.inf
+        for z in zs:
+            q = torch.clamp(torch.round(ug + z), 0, maxq)
+            if q.unique().numel() < 2:
+                continue
+            x = torch.stack([q, torch.ones_like(q)], 1) * sw[:, None]
+            sol = torch.linalg.lstsq(x, (ug * sw)[:, None]).solution.squeeze(1)
+            if sol[0] > 0:
+                best = min(best, float(((x @ sol - ug * sw) ** 2).sum()))
+        out.append(best)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("maxq,bins", [(3, 5), (7, 16), (15, 40)])
+def test_binned_fit_sweep_scores_the_patterns_at_its_bins_ends(maxq, bins):
+    """The sort-free kernel scores exactly the patterns at its bins' ends (the
+    binned sweeps of long rows), compiled or eager."""
+    torch.manual_seed(maxq)
+    u = torch.distributions.StudentT(3.0).sample((10, 80)) * maxq / 4 + maxq / 2
+    h = torch.rand(10, 80) ** 2 + 1e-3
+    z = maxq / 2 - (h * u).sum(1) / h.sum(1) + torch.rand(10)
+    ref = binned_pattern_reference(u, h, maxq, z - 1, 2, bins)
+    for compiled in (True, False):
+        m = torch.arange(2, dtype=torch.float64)
+        fn = init_mod._fit_binned_chunk
+        _, _, res = init_mod._run_sweep(fn, u, h, maxq, z.double() - 1, m, bins) if compiled else fn(
+            u, h, maxq, z.double() - 1, m, bins)
+        torch.testing.assert_close(res.double(), ref, rtol=1e-4, atol=1e-6)
+    # as many bins as it takes to separate every event: the exact sweep's best
+    exact = init_mod.fitted_patterns(u, h, torch.ones(10), maxq, around=z)[2]
+    fine = init_mod.fitted_patterns(u, h, torch.ones(10), maxq, around=z, bins=4096)[2]
+    torch.testing.assert_close(fine, exact, rtol=1e-5, atol=1e-7)
+
+
 @given(seed=st.integers(0, 2**16), maxq=st.sampled_from([3, 7, 15]), shift=st.floats(-6.0, 6.0))
 @settings(max_examples=25, deadline=None)
 def test_a_pattern_sweep_around_a_point_never_ends_worse_than_that_point(seed, maxq, shift):
