@@ -122,6 +122,22 @@ def test_pruned_search_equals_trying_every_candidate(monkeypatch):
     assert torch.allclose(pruned, loss(), rtol=1e-5)
 
 
+def least_fitted_residual(ug, hg, zs, maxq):
+    """The least weighted residual, over the zeros ``zs``, of the lstsq grid
+    ``u ≈ a·q + b`` fitted to the codes at each zero (``a > 0``; one-code patterns skipped)."""
+    sw = hg.sqrt()
+    best = math.inf
+    for z in zs:
+        q = torch.clamp(torch.round(ug + z), 0, maxq)
+        if q.unique().numel() < 2:
+            continue
+        x = torch.stack([q, torch.ones_like(q)], 1) * sw[:, None]
+        sol = torch.linalg.lstsq(x, (ug * sw)[:, None]).solution.squeeze(1)
+        if sol[0] > 0:
+            best = min(best, float(((x @ sol - ug * sw) ** 2).sum()))
+    return best
+
+
 def fitted_pattern_reference(u, h, maxq):
     """Brute force for ``_fit_sweep_chunk``: every piece of the zero sweep inside the
     windows it visits, its codes at the piece's midpoint, their weighted regression
@@ -136,17 +152,7 @@ def fitted_pattern_reference(u, h, maxq):
         bps = torch.sort(bps[(bps > lo) & (bps < hi)]).values
         edges = torch.cat([torch.tensor([lo], dtype=torch.float64), bps,
                            torch.tensor([hi], dtype=torch.float64)])
-        best = math.inf
-        for z in ((edges[1:] + edges[:-1]) / 2).tolist():
-            q = torch.clamp(torch.round(ug + z), 0, maxq)
-            if q.unique().numel() < 2:
-                continue
-            sw = hg.sqrt()
-            x = torch.stack([q, torch.ones_like(q)], 1) * sw[:, None]
-            sol = torch.linalg.lstsq(x, (ug * sw)[:, None]).solution.squeeze(1)
-            if sol[0] > 0:
-                best = min(best, float(((x @ sol - ug * sw) ** 2).sum()))
-        out.append(best)
+        out.append(least_fitted_residual(ug, hg, ((edges[1:] + edges[:-1]) / 2).tolist(), maxq))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -169,20 +175,9 @@ def binned_pattern_reference(u, h, maxq, start, windows, bins):
     below the end of every bin (``start + m + (i + 1)/bins``), each fitted by lstsq."""
     out = []
     for j in range(u.shape[0]):
-        ug, hg = u[j].double(), h[j].double()
-        sw = hg.sqrt()
         zs = [float(start[j])] + [float(start[j]) + m + (i + 1) / bins - 1e-9
                                   for m in range(windows) for i in range(bins)]
-        best = math.inf
-        for z in zs:
-            q = torch.clamp(torch.round(ug + z), 0, maxq)
-            if q.unique().numel() < 2:
-                continue
-            x = torch.stack([q, torch.ones_like(q)], 1) * sw[:, None]
-            sol = torch.linalg.lstsq(x, (ug * sw)[:, None]).solution.squeeze(1)
-            if sol[0] > 0:
-                best = min(best, float(((x @ sol - ug * sw) ** 2).sum()))
-        out.append(best)
+        out.append(least_fitted_residual(u[j].double(), h[j].double(), zs, maxq))
     return torch.tensor(out, dtype=torch.float64)
 
 
