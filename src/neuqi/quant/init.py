@@ -360,9 +360,7 @@ def _fit_sweep_chunk(
     us = torch.gather(us, 1, order)
     k0 = torch.gather(k0, 1, order)
     st = _FitSums(hs, us, k0, n_h, u_bar, maxq)
-    k = k0[:, None, :] + m.float()[None, :, None]  # [G, windows, n]: the code each event leaves
-    hv = torch.where((k >= 0) & (k <= maxq - 1), hs[:, None, :], 0.0)
-    steps = (hv, hv * (2 * (k - st.c) + 1), hv * us[:, None, :])
+    steps = st.steps(m)
     # The first piece's sums ([G, 1]) and every later piece's ([G, M]) are scored apart:
     # concatenating them would copy each [G, M] prefix sum once more.
     G = hs.shape[0]
@@ -386,9 +384,7 @@ def _fit_binned_chunk(
     hf, us, n_h, u_bar, t, k0 = _fit_offsets(u, h, start)
     st = _FitSums(hf, us, k0, n_h, u_bar, maxq)
     G, W = hf.shape[0], m.shape[0]
-    k = k0[:, None, :] + m.float()[None, :, None]  # [G, W, n]
-    hv = torch.where((k >= 0) & (k <= maxq - 1), hf[:, None, :], 0.0)
-    steps = torch.stack([hv, hv * (2 * (k - st.c) + 1), hv * us[:, None, :]], dim=-1)  # [G, W, n, 3]
+    steps = torch.stack(st.steps(m), dim=-1)  # [G, W, n, 3]
     b = torch.clamp((t * bins).long(), max=bins - 1)  # the bin of each event in its window
     idx = (m.long()[None, :, None] * bins + b[:, None, :]).reshape(G, -1, 1).expand(-1, -1, 3)
     sums = torch.zeros(G, W * bins, 3, dtype=steps.dtype, device=steps.device)
@@ -414,13 +410,21 @@ class _FitSums:
     any order of the weights): centred codes, the first piece's ``Σhq, Σhq², Σhuq``."""
 
     def __init__(self, hs: Tensor, us: Tensor, k0: Tensor, n_h: Tensor, u_bar: Tensor, maxq: int) -> None:
-        self.n_h, self.u_bar = n_h, u_bar
+        self.hs, self.us, self.k0 = hs, us, k0
+        self.n_h, self.u_bar, self.maxq = n_h, u_bar, maxq
         self.c = maxq / 2  # codes centred too
         q0 = torch.clamp(k0, 0, maxq) - self.c
         self.s_u = (hs * us).sum(1, keepdim=True)  # 0 up to rounding
         self.ss_u = (hs * us * us).sum(1, keepdim=True) - self.s_u * self.s_u / n_h
         self.first = ((hs * q0).sum(1, keepdim=True), (hs * q0 * q0).sum(1, keepdim=True),
                       (hs * q0 * us).sum(1, keepdim=True))
+
+    def steps(self, m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """How each event changes ``Σhq, Σhq², Σhuq`` in the windows ``m``, each
+        ``[G, windows, n]``: its code goes from ``k`` to ``k + 1`` (none past the ends)."""
+        k = self.k0[:, None, :] + m.float()[None, :, None]  # the code each event leaves
+        hv = torch.where((k >= 0) & (k <= self.maxq - 1), self.hs[:, None, :], 0.0)
+        return hv, hv * (2 * (k - self.c) + 1), hv * self.us[:, None, :]
 
     def _fit(self, s_q: Tensor, s_qq: Tensor, s_uq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(a, b, residual)`` of the best piece among those the sums describe."""
