@@ -798,9 +798,10 @@ MULTI_FLANKS = (-0.03, 0.03)
 # Those six sweeps on long rows score the patterns at ``LONG_ROW_BINS·n`` evenly spaced
 # zeros per unit window (:func:`_fit_binned_chunk`, no sort) instead of all ``n``; the
 # last sweep, at the best scale, is exact and recovers what the bins skip.  On SmolLM2's
-# blocks 3 and 12 at 2/3/4-bit channel-wise (2026-12-07) the block's search took 1.36–1.49 s
-# against 2.0–2.3 s, every worst row unchanged (1.0004 / 1.0015 / 1.0092 / 1.0033 / 1.0085)
-# and no mean moved by more than 7e-6.  A quarter of ``n`` saved another 0–10 % for means
+# blocks 3 and 12 at 2/3/4-bit channel-wise (bench/neuqi_search_speed.py, 2026-12-07) the
+# block's search took 1.33–1.82 s against 2.01–2.48 s, every worst row unchanged (block 3:
+# 1.0004 / 1.0015 / 1.0033, block 12: 1.0002 / 1.0092 / 1.0085) and no mean moved by more
+# than 7e-6.  A quarter of ``n`` saved another 0–10 % for means
 # up to 9e-6 worse; a bin per weight saved a quarter of the time, not a third.
 LONG_ROW_BINS = 0.5
 # Short groups at 4 bits add two-window sweeps at ``1 + f`` times both valleys' points
@@ -1013,7 +1014,7 @@ def _flank_sweeps(
             return
         sub = _Best(best.s[rows], best.z[rows], best.loss[rows])
         _flank_sweeps(sub, wg[rows], hg[rows], maxq, w_bar[rows],
-                      tuple((s[rows], z[rows]) for s, z in points), factors)
+                      tuple((s[rows], z[rows]) for s, z in points), factors, bins=bins)
         best.s, best.z, best.loss = (x.index_copy(0, rows, y) for x, y in
                                      ((best.s, sub.s), (best.z, sub.z), (best.loss, sub.loss)))
         return
