@@ -177,3 +177,68 @@ def test_a_gguf_run_refuses_free_zero(setup):
     with pytest.raises(ValueError, match="without --free-zero"):
         distill_run(DistillConfig(run=str(run), teacher=str(model), data=str(calib), nsamples=2, seqlen=32,
                                   free_zero=True), quiet=True)
+
+
+def test_straight_round_rounds_into_range_forward_and_passes_the_gradient():
+    from neuqi.distill.student import _straight_round
+
+    x = torch.tensor([0.2, 1.4, 2.6, 7.9, 15.7], requires_grad=True)
+    hi = torch.tensor([15.0, 15.0, 15.0, 7.0, 15.0])
+    y = _straight_round(x, 1.0, hi)
+    assert y.tolist() == [1.0, 1.0, 3.0, 7.0, 15.0]
+    (y * torch.arange(5.0)).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_train_ints_moves_kquant_integers_within_the_types_range(tmp_path):
+    """``--train-ints``: the k-quant sub-block integers train (straight-through), stay
+    integers in the type's range (Q2_K: steps 1..15 and mins 0..15; Q3_K: |k| ≤ 31 or
+    32 by its zero, the zeros fixed), the export's factorisation accepts them, the codes
+    stay, and the student ends nearer the teacher.  A block-32 run has no integers to train."""
+    from neuqi.quant.gguf_types import gguf_type
+    from neuqi.quant.kquants import kquant_fields, scale_levels
+
+    from ..conftest import SAMPLE_TEXT
+
+    model = make_tiny_model(tmp_path / "tiny", "llama", hidden=256, intermediate=512)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(SAMPLE_TEXT)
+    cfg = RunConfig(model=str(model), gguf="Q8_0", gguf_tensor="mlp.down_proj=Q2_K,self_attn.o_proj=Q3_K",
+                    method="ldlq", calib=str(calib), nsamples=4, seqlen=64, out_dir=str(tmp_path / "runs"),
+                    device="cpu")
+    run = quantize_model(cfg, quiet=True)
+    dcfg = DistillConfig(run=str(run), teacher=str(model), data=str(calib), nsamples=16, seqlen=64, epochs=3,
+                         eval_sets=[], save_every=0, train_ints=True, int_lr=0.1)
+    out = distill_run(dcfg, quiet=True)
+    assert out.name.endswith(".ints")
+    from neuqi.data.corpora import consecutive_windows, load_text, tokenize
+
+    ids = consecutive_windows(tokenize(load_text(str(calib)), load_tokenizer(model)), 64, 8)
+    before, after = neuqi.load(run), neuqi.load(out)
+    teacher = load_model(model)
+    assert _hidden_mse(after, teacher, ids) < 0.9 * _hidden_mse(before, teacher, ids)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    changed = {}
+    for name, q in quant_linears(before).items():
+        q2 = quant_linears(after)[name]
+        assert torch.equal(q.codes(), q2.codes())
+        t = gguf_type(qc["gguf_types"][name])
+        if not t.is_kquant:
+            continue
+        s, o = q2.scales.t().float(), q2.offsets.t().float()
+        f0 = kquant_fields(QuantParams(q.scales.t(), -q.offsets.t() / q.scales.t(), q.offsets.t()), t)
+        f1 = kquant_fields(QuantParams(s, -o / s, o), t)  # raises unless on the lattice
+        k_c, k_c1 = scale_levels(t)
+        assert torch.equal(f0.flip, f1.flip)
+        assert bool((f1.k.abs() >= 1).all()) and bool((f1.k.abs() <= torch.where(f1.flip, k_c1, k_c)).all())
+        assert bool((f1.m >= 0).all()) and bool((f1.m <= k_c).all())
+        # the stored integers are a factorisation of the trained ones: compare the steps' ratios
+        changed[t.name] = float((f1.k * f0.d.repeat_interleave(t.subs, 1) != f0.k * f1.d.repeat_interleave(
+            t.subs, 1)).float().mean())
+    assert set(changed) == {"Q2_K", "Q3_K"} and all(v > 0 for v in changed.values())
+
+    plain = RunConfig(model=str(model), gguf="Q4_0", method="rtn", calib=str(calib), nsamples=2, seqlen=32,
+                      out_dir=str(tmp_path / "runs"), device="cpu")
+    with pytest.raises(ValueError, match="no k-quant linears"):
+        distill_run(DistillConfig(run=str(quantize_model(plain, quiet=True)), teacher=str(model),
+                                  data=str(calib), nsamples=2, seqlen=32, train_ints=True), quiet=True)
