@@ -23,8 +23,7 @@ Rows per type:
   tokens of c4-sample (each type's stored floats trained, its integers kept), exported;
   ``+distill-kl`` the same with ``--loss kl`` (the logits' KL, llama.cpp's own measure);
   ``@LR`` after either (``neuqi+distill-kl@1e-3``) passes ``--lr LR`` (a GGUF run's
-  rates are relative: ``neuqi.distill.student``); ``+distill-kl-ints`` trains the
-  k-quant sub-block integers too (``--train-ints``), ``@LR/INT_LR`` sets both rates.
+  rates are relative: ``neuqi.distill.student``).
 
 Quality is measured by ``llama-perplexity`` (``-c ctx``, first ``chunks`` chunks) on
 wiki-sample and brown, and its ``--kl-divergence`` mode against the FP GGUF on
@@ -133,17 +132,16 @@ NEUQI_ROWS: dict[str, dict] = {
 
 
 # a row name ending so: that row's run, then `neuqi distill` with this loss, exported
-DISTILL = {"+distill": ("mse", False), "+distill-kl": ("kl", False), "+distill-kl-ints": ("kl", True)}
+DISTILL = {"+distill": "mse", "+distill-kl": "kl"}
 
 
-def split_row(row: str) -> tuple[str, str | None, str | None, bool, str | None]:
-    """``(neuqi row, distillation loss or None, its lr or None, train integers, their lr or None)``."""
-    row, _, rates = row.partition("@")
-    lr, _, int_lr = rates.partition("/")
-    for suffix, (loss, ints) in DISTILL.items():
+def split_row(row: str) -> tuple[str, str | None, str | None]:
+    """``(neuqi row, distillation loss or None, distillation lr or None)``."""
+    row, _, lr = row.partition("@")
+    for suffix, loss in DISTILL.items():
         if row.endswith(suffix):
-            return row.removesuffix(suffix), loss, lr or None, ints, int_lr or None
-    return row, None, None, False, None
+            return row.removesuffix(suffix), loss, lr or None
+    return row, None, None
 
 
 def neuqi_gguf(model: str, t: str, row: str, args, work: Path) -> tuple[Path, float, float]:
@@ -152,7 +150,7 @@ def neuqi_gguf(model: str, t: str, row: str, args, work: Path) -> tuple[Path, fl
     export s)."""
     from neuqi.pipeline.config import RunConfig
 
-    base_row, loss, lr, ints, int_lr = split_row(row)
+    base_row, loss, lr = split_row(row)
     opts = NEUQI_ROWS[base_row]
     base, over = parse_type(t)
     gguf_tensor = ",".join(f"{HF_LINEAR[n]}={ty}" for n, ty in over.items())
@@ -169,16 +167,14 @@ def neuqi_gguf(model: str, t: str, row: str, args, work: Path) -> tuple[Path, fl
                      "--out-dir", str(work / "runs"), "--eval", "", "-q"], work / f"{out.stem}.quantize.log")
     if loss is not None:
         n, L = args.distill_nsamples, args.distill_seqlen
-        tag = (("" if loss == "mse" else f"-{loss}") + (f"-lr{lr}" if lr else "")
-               + (f"-ints{int_lr or ''}" if ints else ""))
+        tag = ("" if loss == "mse" else f"-{loss}") + (f"-lr{lr}" if lr else "")
         dist_root = work / f"runs{tag}"
-        src, run_dir = run_dir, dist_root / f"{run_dir.name}.distill.n{n}.L{L}{'.ints' if ints else ''}"
+        src, run_dir = run_dir, dist_root / f"{run_dir.name}.distill.n{n}.L{L}"
         out = out.with_name(f"{out.stem}-distill-n{n}-L{L}{tag}.gguf")
         if not (run_dir / "result.json").exists():
             q_s += timed([*NEUQI, "distill", str(src), "--teacher", str(fetch_model(cache_dir(), model)),
                           "--nsamples", str(n), "--seqlen", str(L), "--loss", loss,
-                          *(["--lr", lr] if lr else []), *(["--train-ints"] if ints else []),
-                          *(["--int-lr", int_lr] if int_lr else []),
+                          *(["--lr", lr] if lr else []),
                           "--out-dir", str(dist_root), "--eval", "", "--resume", "-q"],
                          work / f"{out.stem}.distill.log")
     if not out.exists():

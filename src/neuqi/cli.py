@@ -187,10 +187,6 @@ def distill(
     grad_accum: int = 1,
     loss: Annotated[str, typer.Option(help="mse (final hidden states) | kl (logits)")] = "mse",
     free_zero: Annotated[bool, typer.Option(help="let integer zero-points train as floats")] = False,
-    train_ints: Annotated[bool, typer.Option(
-        help="k-quant GGUF runs: train each sub-block's integer step and min too (rounded)")] = False,
-    int_lr: Annotated[float | None, typer.Option(
-        help="--train-ints's rate, in integer steps (default 0.05)")] = None,
     grad_checkpointing: bool = False,
     eval: Annotated[str, typer.Option(help="perplexity sets before/after, '' for none")] = DEFAULT_EVAL,
     eval_windows: Annotated[int | None, typer.Option(help="cap on windows per set")] = 8,
@@ -209,8 +205,7 @@ def distill(
     _setup_logging(quiet)
     cfg = DistillConfig(run=str(run), teacher=teacher, data=data, nsamples=nsamples, seqlen=seqlen,
                         epochs=epochs, lr=lr, warmup=warmup, batch_size=batch_size, grad_accum=grad_accum,
-                        loss=loss, free_zero=free_zero, train_ints=train_ints, int_lr=int_lr,
-                        grad_checkpointing=grad_checkpointing,
+                        loss=loss, free_zero=free_zero, grad_checkpointing=grad_checkpointing,
                         device=device, dtype=dtype, seed=seed, out_dir=str(out_dir) if out_dir else None,
                         eval_sets=_split(eval), eval_windows=eval_windows, save_every=save_every)
     try:

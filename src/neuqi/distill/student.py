@@ -4,9 +4,7 @@ zero-points / norms / biases trainable; and back into checkpoint records.
 A GGUF run trains only what its file stores as floats, so that rounding them to fp16
 gives a file of exactly its type: each block's step (and offset, where the type is
 asymmetric) for the block-32 types, each super-block's ``d`` (and ``dmin``) for the
-k-quants, whose integer sub-block steps and mins stay as the search chose them unless
-the caller trains them too (``train_ints``: rounded straight-through, kept in the type's
-range, so the file still stores integers)."""
+k-quants, whose integer sub-block steps and mins stay as the search chose them."""
 
 from __future__ import annotations
 
@@ -17,7 +15,7 @@ from neuqi.formats.checkpoint import QuantizedLinear
 from neuqi.formats.qlinear import QuantLinear, _dense
 from neuqi.quant.gguf_types import _fp16, _fp16_step, gguf_type
 from neuqi.quant.grid import QuantParams
-from neuqi.quant.kquants import kquant_fields, scale_levels
+from neuqi.quant.kquants import kquant_fields
 
 MIN_SCALE = 1e-8
 
@@ -40,14 +38,6 @@ class GGUFStudentLinear(QuantLinear):
     out]`` turn the trainable values back into ``(d, dmin)``.
     """
 
-    def integers(self) -> tuple[Tensor, Tensor]:
-        """The sub-block integers ``(k, m)`` as the file stores them, each ``[n_groups,
-        out]``: trained ones rounded and clamped into the type's range, with the gradient
-        passed straight through the rounding."""
-        if not self.train_ints:
-            return self.k, self.m
-        return _straight_round(self.k, 1.0, self.k_hi), _straight_round(self.m, 0.0, self.m_hi)
-
     def factors(self) -> tuple[Tensor, Tensor | None]:
         """``(d, dmin)`` per super-block (``dmin`` None for a symmetric type)."""
         return self.step / self.kbar, (self.min_step / self.mbar) if self.asymmetric else None
@@ -56,10 +46,9 @@ class GGUFStudentLinear(QuantLinear):
         """Per-group ``(scale, offset)``, each ``[n_groups, out]``."""
         subs = self.k.shape[0] // self.step.shape[0]
         d, dmin = self.factors()
-        k, m = self.integers()
-        scale = d.repeat_interleave(subs, 0) * k
+        scale = d.repeat_interleave(subs, 0) * self.k
         if dmin is not None:
-            return scale, -dmin.repeat_interleave(subs, 0) * m
+            return scale, -dmin.repeat_interleave(subs, 0) * self.m
         return scale, -scale * self.z
 
     def dequantize(self) -> Tensor:
@@ -72,21 +61,12 @@ class GGUFStudentLinear(QuantLinear):
 
     @torch.no_grad()
     def clamp_step(self) -> None:
-        """Keep the step positive and trained integers within half a unit of their range
-        (further out, a step of the optimizer could not bring them back)."""
         self.step.clamp_(min=MIN_SCALE)
-        if self.train_ints:
-            self.k.copy_(torch.minimum(self.k.clamp_min(0.5), self.k_hi + 0.5))
-            self.m.copy_(torch.minimum(self.m.clamp_min(-0.5), self.m_hi + 0.5))
 
     @torch.no_grad()
     def round_to_type(self) -> None:
         """The trained factors as the file stores them (fp16; ``d > 0``, k-quant ``dmin ≥ 0``).
         ``kbar``/``mbar`` become 1 so that ``step``/``min_step`` hold exactly ``d``/``dmin``."""
-        if self.train_ints:
-            k, m = self.integers()
-            self.k.copy_(k)
-            self.m.copy_(m)
         d, dmin = self.factors()
         self.step.copy_(_fp16_step(d))
         self.kbar.fill_(1.0)
@@ -95,19 +75,13 @@ class GGUFStudentLinear(QuantLinear):
             self.mbar.fill_(1.0)
 
 
-def _straight_round(x: Tensor, lo: float, hi: Tensor) -> Tensor:
-    """``x`` rounded and clamped to ``[lo, hi]`` forward, the identity backward."""
-    return x + (torch.minimum(torch.round(x).clamp_min(lo), hi) - x).detach()
-
-
 def _super_mean(x: Tensor, subs: int) -> Tensor:
     """``x: [n_groups, out]`` → per super-block mean ``[n_super, out]``, at least 1."""
     return x.reshape(-1, subs, x.shape[-1]).mean(1).clamp_min(1.0)
 
 
-def _to_gguf_student(mod: QuantLinear, train_ints: bool = False) -> list[nn.Parameter]:
-    """Re-type ``mod`` in place as a :class:`GGUFStudentLinear`; its trainable factors
-    (and, with ``train_ints`` on a k-quant, its sub-block integers: see :func:`integer_parameters`)."""
+def _to_gguf_student(mod: QuantLinear) -> list[nn.Parameter]:
+    """Re-type ``mod`` in place as a :class:`GGUFStudentLinear`; its trainable factors."""
     t = gguf_type(mod.gguf_type)
     scale = mod._buffers.pop("scales").float()  # [n_groups, out]
     offset = mod._buffers.pop("offsets").float()
@@ -123,48 +97,25 @@ def _to_gguf_student(mod: QuantLinear, train_ints: bool = False) -> list[nn.Para
     kbar, mbar = 1.0 / d0, _super_mean(m, t.subs) / (d0 * _super_mean(k, t.subs))
     mod.__class__ = GGUFStudentLinear
     mod.asymmetric, mod.kquant = t.asymmetric, t.is_kquant
-    mod.train_ints = train_ints and t.is_kquant
-    ints = ("k", "m") if mod.train_ints else ()
     for name, value in (("k", k), ("m", m), ("z", z), ("kbar", kbar), ("mbar", mbar)):
-        if name not in ints:
-            mod.register_buffer(name, value.contiguous().float())
+        mod.register_buffer(name, value.contiguous().float())
     mod.step = nn.Parameter((d * kbar).contiguous().float())
-    trained = [mod.step]
-    if t.asymmetric:
-        mod.min_step = nn.Parameter((dmin * mbar).contiguous().float())
-        trained.append(mod.min_step)
-    if mod.train_ints:  # the largest integer each sub-block may take (symmetric: by its zero)
-        k_c, k_c1 = scale_levels(t)
-        flip = z == t.centre - 1
-        mod.register_buffer("k_hi", torch.where(flip, float(k_c1), float(k_c)).contiguous())
-        mod.register_buffer("m_hi", torch.full_like(m, float(k_c) if t.asymmetric else 0.0).contiguous())
-        mod.k = nn.Parameter(k.contiguous().float())
-        mod.m = nn.Parameter(m.contiguous().float())
-        trained += [mod.k, mod.m] if t.asymmetric else [mod.k]
-    return trained
-
-
-def integer_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trained sub-block integers of every k-quant student (``train_ints``): they take
-    their own learning rate in units of one integer step, not the factors' relative one."""
-    out: list[nn.Parameter] = []
-    for mod in quant_linears(model).values():
-        if isinstance(mod, GGUFStudentLinear) and mod.train_ints:
-            out += [mod.k, mod.m] if mod.asymmetric else [mod.k]
-    return out
+    if not t.asymmetric:
+        return [mod.step]
+    mod.min_step = nn.Parameter((dmin * mbar).contiguous().float())
+    return [mod.step, mod.min_step]
 
 
 def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def make_student(model: nn.Module, free_zero: bool, train_ints: bool = False) -> list[nn.Parameter]:
+def make_student(model: nn.Module, free_zero: bool) -> list[nn.Parameter]:
     """Freeze everything, then make the trainable set trainable; returns it.
 
     Scales become float32 parameters (the checkpoint's fp16 values, exactly). Float
     zero-points train; integer ones stay fixed unless ``free_zero`` (then they train
-    as floats and the run becomes float-zero).  ``train_ints``: k-quant GGUF linears
-    train their sub-block integers too (:func:`integer_parameters`)."""
+    as floats and the run becomes float-zero)."""
     for p in model.parameters():
         p.requires_grad_(False)
     trainable: list[nn.Parameter] = []
@@ -172,7 +123,7 @@ def make_student(model: nn.Module, free_zero: bool, train_ints: bool = False) ->
         mod._codes = mod.codes().to(torch.int16)  # unpack once; autograd never touches codes
         mod.cache, mod._dense = False, None
         if mod.zero_point == "offset":
-            trainable += _to_gguf_student(mod, train_ints)
+            trainable += _to_gguf_student(mod)
             if mod.bias is not None:
                 mod.bias.requires_grad_(True)
                 trainable.append(mod.bias)

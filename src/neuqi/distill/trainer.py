@@ -22,13 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from neuqi.data.corpora import load_text, sample_windows, tokenize
-from neuqi.distill.student import (
-    integer_parameters,
-    keep_scales_positive,
-    make_student,
-    records,
-    round_to_types,
-)
+from neuqi.distill.student import keep_scales_positive, make_student, records, round_to_types
 from neuqi.io_utils import atomic_dir, atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -49,8 +43,6 @@ class DistillConfig:
     grad_clip: float = 1.0
     loss: str = "mse"  # mse on final hidden states | kl on logits
     free_zero: bool = False
-    train_ints: bool = False  # k-quant GGUF runs: the sub-block integers train too
-    int_lr: float | None = None  # None: INT_LR
     grad_checkpointing: bool = False
     device: str = "auto"
     dtype: str = "auto"  # bf16 on GPU, fp32 on CPU
@@ -62,8 +54,7 @@ class DistillConfig:
 
     def run_name(self) -> str:
         name = Path(self.run).resolve().name
-        tag = (f".distill.n{self.nsamples}.L{self.seqlen}" + (".freezero" if self.free_zero else "")
-               + (".ints" if self.train_ints else ""))
+        tag = f".distill.n{self.nsamples}.L{self.seqlen}" + (".freezero" if self.free_zero else "")
         return name + tag
 
 
@@ -74,18 +65,6 @@ GRID_LR = 3e-4
 # tokens (2026-12-07): SmolLM2-135M Q4_0, llama.cpp's KL to F32 0.130 → 0.118 and
 # wiki-sample 24.43 → 23.63 (docs/results/gguf-smollm2-135m.md).
 GGUF_LR = 1e-3
-# A k-quant's sub-block integers (``--train-ints``) train in units of one integer step:
-# an optimizer step moves each by about this much, so one that the loss keeps pushing
-# the same way crosses a rounding boundary within ~10 steps.
-INT_LR = 0.05
-
-
-def _has_kquant(qc: dict) -> bool:
-    """Whether a run's quantization config puts any linear at a k-quant type."""
-    from neuqi.quant.gguf_types import gguf_type
-
-    names = [qc.get("gguf_type"), *(qc.get("gguf_types") or {}).values()]
-    return any(n and gguf_type(n).is_kquant for n in names)
 
 
 def _teacher_output(teacher, ids, loss: str):
@@ -141,11 +120,6 @@ def distill_run(cfg: DistillConfig, quiet: bool = False, resume: bool = False) -
     if cfg.free_zero and qc.get("zero_point") == "offset":
         raise ValueError(f"{src.name} was quantized for GGUF {qc.get('gguf_type')}: its zero-points are "
                          "what the type stores; distill it without --free-zero")
-    if cfg.train_ints and not _has_kquant(qc):
-        raise ValueError(f"{src.name} has no k-quant linears (Q2_K ... Q6_K): --train-ints trains their "
-                         "sub-block integers; other runs have none")
-    if cfg.int_lr is None:
-        cfg = replace(cfg, int_lr=INT_LR)
     if qc.get("experts"):  # the student trains QuantLinear parameters only
         raise ValueError(f"{src.name} has quantized mixture-of-experts weights; distilling them is not "
                          "supported yet")
@@ -157,14 +131,10 @@ def distill_run(cfg: DistillConfig, quiet: bool = False, resume: bool = False) -
     if cfg.eval_sets:
         before = evaluate_sets(student, tokenizer, cfg.eval_sets, 2048, device, cfg.eval_windows, quiet)
         student.to("cpu")
-    trainable = make_student(student, cfg.free_zero, cfg.train_ints)
+    trainable = make_student(student, cfg.free_zero)
     if cfg.grad_checkpointing:
         student.gradient_checkpointing_enable()
-    ints = {id(p) for p in integer_parameters(student)}
-    groups = [{"params": [p for p in trainable if id(p) not in ints], "lr": cfg.lr}]
-    if ints:
-        groups.append({"params": [p for p in trainable if id(p) in ints], "lr": cfg.int_lr})
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     steps = math.ceil(cfg.nsamples / cfg.batch_size) * cfg.epochs // cfg.grad_accum or 1
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup * steps), steps)
     loader = torch.utils.data.DataLoader(windows, batch_size=cfg.batch_size, shuffle=True,
