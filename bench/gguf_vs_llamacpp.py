@@ -31,7 +31,9 @@ wiki-sample: mean KL, top-1 agreement, the mean log ratio of the perplexities wi
 own ± (the paired difference, tighter than the two files' perplexity ±), and the mean
 change of the probability of the text's next token (Δp, percentage points).
 Quantization seconds are wall time of the whole command, one process at a time.
-Resumable: every finished file and measurement is reused; results land in
+Resumable: every finished file and measurement is reused, and an interrupted
+quantization continues from its last finished layer (``--resume``; its seconds are then
+the remainder's); results land in
 ``bench/results/gguf/<model>/{gguf.json,gguf.md}`` as they are measured.
 """
 
@@ -128,6 +130,7 @@ NEUQI_ROWS: dict[str, dict] = {
     "neuqi-damp0.1-cd3": {"method": "ldlq", "init": "neuqi", "damp": 0.1, "descent": 3},
     "neuqi-damp0.3-cd3": {"method": "ldlq", "init": "neuqi", "damp": 0.3, "descent": 3},
     "neuqi-damp0.1-cd3-refit2": {"method": "ldlq", "init": "neuqi", "damp": 0.1, "descent": 3, "refit": 2},
+    "neuqi-shrink0.5-cd3": {"method": "ldlq", "init": "neuqi", "shrink": 0.5, "descent": 3},
 }
 
 
@@ -164,7 +167,8 @@ def neuqi_gguf(model: str, t: str, row: str, args, work: Path) -> tuple[Path, fl
     if not (run_dir / "result.json").exists():
         q_s = timed([*NEUQI, "quantize", model, "--gguf", base, "--gguf-tensor", gguf_tensor, *flags,
                      "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                     "--out-dir", str(work / "runs"), "--eval", "", "-q"], work / f"{out.stem}.quantize.log")
+                     "--out-dir", str(work / "runs"), "--eval", "", "--resume", "-q"],
+                    work / f"{out.stem}.quantize.log")
     if loss is not None:
         n, L = args.distill_nsamples, args.distill_seqlen
         tag = ("" if loss == "mse" else f"-{loss}") + (f"-lr{lr}" if lr else "")

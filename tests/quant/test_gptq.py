@@ -129,3 +129,40 @@ def test_dead_inputs_carry_no_weight_in_the_init():
     assert ours <= best * 1.01
     assert old_err > ours * 1.5
 
+
+
+def test_shrink_keeps_the_diagonal_and_scales_the_correlations():
+    from neuqi.quant.gptq import shrink_hessian
+
+    H = random_hessian(24)
+    S = shrink_hessian(H, 0.3)
+    assert torch.equal(torch.diagonal(S), torch.diagonal(H))
+    off = ~torch.eye(24, dtype=torch.bool)
+    assert torch.allclose(S[off], 0.7 * H[off])
+    assert torch.linalg.eigvalsh(S.double()).min() > 0  # a mix of two PSD matrices
+    assert shrink_hessian(H, 0.0) is H
+
+
+def test_shrink_moves_ldlq_toward_round_to_nearest_and_reports_the_calibration_loss():
+    """The solver sees the shrunk H, the reported loss is the calibration H's: with the
+    correlations all but gone the feedback has nothing to act on and the codes are
+    round-to-nearest's; no shrink is the default run; shrink needs a solver, below 1."""
+    w = torch.randn(32, 64) * 0.02
+    H = random_hessian(64)
+    spec = QuantSpec(3, 32)
+    rtn = gptq_quantize(w, H, spec, init="neuqi", algorithm="rtn")
+    plain = gptq_quantize(w, H, spec, init="neuqi")
+    assert torch.equal(gptq_quantize(w, H, spec, init="neuqi", shrink=0.0).codes, plain.codes)
+    mid = gptq_quantize(w, H, spec, init="neuqi", shrink=0.5)
+    near = gptq_quantize(w, H, spec, init="neuqi", shrink=1 - 1e-7, damp=1e-6)
+    rtn_near = gptq_quantize(w, H, spec, init="neuqi", algorithm="rtn", damp=1e-6)
+    assert torch.equal(near.params.scale, rtn_near.params.scale)  # the init sees the same diagonal
+    assert (near.codes == rtn_near.codes).float().mean() > 0.999
+    w_hat = dequantize(mid.codes, mid.params, spec)
+    assert mid.stats["quant_loss"] == pytest.approx(quant_losses(w, w_hat, H)["quant_loss"])
+    assert plain.stats["quant_loss"] < mid.stats["quant_loss"] < rtn.stats["quant_loss"]
+    for bad, msg in ((1.0, "in \\[0, 1\\)"), (-0.1, "in \\[0, 1\\)")):
+        with pytest.raises(ValueError, match=msg):
+            gptq_quantize(w, H, spec, shrink=bad)
+    with pytest.raises(ValueError, match="needs a solver"):
+        gptq_quantize(w, H, spec, algorithm="rtn", shrink=0.5)

@@ -53,7 +53,7 @@ def option(default, help: str, *flags: str):
 # gptq_quantize's argument -> the flag a CLI user knows it by (for its error messages)
 CLI_NAMES = {"init": "--init", "algorithm": "--method", "also_inits": "--select", "refit": "--refit",
              "h_power": "--h-power", "init_norm": "--init-norm", "max_clip": "--max-clip",
-             "search": "--search", "descent": "--descent"}
+             "search": "--search", "descent": "--descent", "shrink": "--shrink"}
 
 
 @dataclass
@@ -95,6 +95,9 @@ class QuantConfig:
              "one more FP pass per layer. 0: off")
     act_order: bool = option(True, "process columns in decreasing diag(H) order")
     damp: float = option(DEFAULT_DAMP, "Hessian damping, as a fraction of its mean diagonal")
+    shrink: float = option(
+        0.0, "A in [0, 1): the solver sees H's correlations between inputs scaled by 1 - A, its "
+             "diagonal kept (a regulariser for H estimated from few tokens; 0: off)")
     gguf: str | None = option(
         None, f"quantize for a llama.cpp type ({' | '.join(GGUF_TYPES)}): it sets the bits and "
               "blocks, and the params are the ones the type stores; or for one of llama-quantize's "
@@ -137,7 +140,8 @@ class QuantConfig:
         check_solver_options(init=self.init, algorithm=self.method, gguf=self.gguf is not None,
                              also_inits=self.also_inits, refit=self.refit, h_power=self.h_power,
                              init_norm=self.init_norm, max_clip=self.max_clip,
-                             search=self.neuqi_search, names=CLI_NAMES, descent=self.descent)
+                             search=self.neuqi_search, names=CLI_NAMES, descent=self.descent,
+                             shrink=self.shrink)
         self.select = ",".join(self.also_inits)  # as the run name says it: no repeats, no main init
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("--nsamples, --seqlen and --batch-size must be positive")
@@ -266,6 +270,8 @@ class QuantConfig:
         # default runs keep their short names.
         if self.damp != DEFAULT_DAMP:
             parts.append(f"damp{self.damp:g}")
+        if self.shrink:
+            parts.append(f"shrink{self.shrink:g}")
         if self.seed != 0:
             parts.append(f"seed{self.seed}")
         if self.moe_prior_tokens != DEFAULT_MOE_PRIOR_TOKENS:

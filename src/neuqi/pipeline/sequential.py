@@ -268,6 +268,7 @@ def quantize_weight(
         also_inits=opts.also_inits,
         refit=opts.refit,
         descent=opts.descent,
+        shrink=opts.shrink,
         h_power=opts.h_power,
         init_norm=opts.init_norm,
         search=opts.neuqi_search,
