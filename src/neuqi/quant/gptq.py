@@ -58,7 +58,9 @@ def shrink_hessian(H: Tensor, shrink: float) -> Tensor:
     the error feedback trusts the correlations: on SmolLM2's 1536-wide ``down_proj`` at
     Q2_K/Q3_K, LDLQ fitted to 16k tokens is worse on other tokens than no feedback at
     all.  Damping (``damp``) adds the same constant to every input, which barely touches
-    the inputs with large activations; shrinking scales every correlation alike."""
+    the inputs with large activations; shrinking scales every correlation alike.  There,
+    on a held-out split, it beat damping at 32 × 512 calibration tokens and equalled it at
+    128 × 512; end to end (Q2_K) the two gave the same file quality."""
     if not shrink:
         return H
     Hs = H * (1.0 - shrink)
