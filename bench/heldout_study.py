@@ -47,8 +47,7 @@ VARIANTS: dict[str, dict] = {
     "NeUQI damp0.1 cd3": {"init": "neuqi", "damp": 0.1, "descent": 3},
     "NeUQI damp0.1 cd3 refit2": {"init": "neuqi", "damp": 0.1, "descent": 3, "refit": 2},
     "NeUQI_int damp0.1": {"init": "neuqi_int", "damp": 0.1},
-    # H shrunk toward its diagonal before the solve, (1 − a)·H + a·diag(H): the
-    # correlations LDLQ's feedback trusts are damped, each input's own weight kept
+    # the solver's H shrunk toward its diagonal, (1 − a)·H + a·diag(H) (gptq_quantize's shrink)
     "NeUQI shrink0.1": {"init": "neuqi", "shrink": 0.1},
     "NeUQI shrink0.2": {"init": "neuqi", "shrink": 0.2},
     "NeUQI shrink0.4": {"init": "neuqi", "shrink": 0.4},
@@ -64,14 +63,6 @@ OUT = Path("bench/results/heldout_study")
 def rel(D: torch.Tensor, w: torch.Tensor, H: torch.Tensor) -> float:
     H = H.double()
     return float(torch.einsum("oi,ij,oj->", D, H, D) / torch.einsum("oi,ij,oj->", w.double(), H, w.double()))
-
-
-def shrunk(H: torch.Tensor, a: float) -> torch.Tensor:
-    """``(1 − a)·H + a·diag(H)`` (``H`` itself when ``a`` is 0)."""
-    if not a:
-        return H
-    Hd = H.double()
-    return ((1 - a) * Hd + a * torch.diag(torch.diagonal(Hd))).to(H.dtype)
 
 
 def markdown(rows: dict) -> str:
@@ -116,14 +107,13 @@ def main() -> None:
             if key in rows:
                 continue
             kw = dict(VARIANTS[v])
-            shrink = kw.pop("shrink", 0.0)
             if t is not None:
                 kw.update(init="neuqi", gguf=t)
                 kw.pop("also_inits", None)
             used = [(n, w, Ha, Hb) for n, w, Ha, Hb in pairs if t is None or t.fits(w.shape[1])]
             tr = te = 0.0
             for _, w, Ha, Hb in used:
-                r = gptq_quantize(w, shrunk(Ha, shrink), spec, **kw)
+                r = gptq_quantize(w, Ha, spec, **kw)
                 D = (w - dequantize(r.codes, r.params, spec)).double()
                 tr += rel(D, w, Ha) / len(used)
                 te += rel(D, w, Hb) / len(used)
