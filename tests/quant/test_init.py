@@ -502,6 +502,38 @@ def test_bracket_sweep_is_exact_within_its_bracket(maxq, on_grid):
     torch.testing.assert_close(l_br, l_all, rtol=1e-9, atol=1e-12)
 
 
+@settings(max_examples=25, deadline=None)
+@given(maxq=st.sampled_from([3, 7, 15, 63]), n=st.sampled_from([1, 5, 16, 32]),
+       on_grid=st.booleans(), seed=st.integers(0, 2**16))
+def test_integer_zero_sweep_matches_the_general_sweep(maxq, n, on_grid, seed):
+    """The one-sort sweep for integer zeros finds, for every zero, the scale and loss
+    of the general exact sweep (:func:`_scale_sweep_chunk`) run at that zero alone, and
+    no point of a dense grid of scales is lower.  Includes all-zero groups (no scale:
+    NaN, loss inf) and weights on a grid, where breakpoints coincide."""
+    gen = torch.Generator().manual_seed(seed)
+    G = 12
+    w = torch.randn(G, n, generator=gen) ** 3
+    if on_grid:
+        w = torch.round(w * 4) / 4
+    w[0] = 0.0
+    h = torch.rand(G, n, generator=gen) + 0.01
+    zeros = ((maxq + 1) // 2, (maxq + 1) // 2 - 1, 0)
+    s, loss = init_mod.integer_zero_sweep(w, h, maxq, zeros)
+    assert s.shape == loss.shape == (G, len(zeros))
+    assert bool(torch.isnan(s[0]).all()) and bool(torch.isinf(loss[0]).all())
+    for k, z in enumerate(zeros):
+        zc = torch.full((G, 1), float(z))
+        _, _, l_ref = init_mod._scale_sweep_chunk(w, h, maxq, zc)
+        live = torch.isfinite(l_ref)
+        torch.testing.assert_close(loss[live, k].double(), l_ref[live].double(), rtol=1e-6, atol=1e-9)
+        real = init_mod.group_loss(w[live].double(), h[live].double(), s[live, k].double(),
+                                   zc[live, 0].double(), maxq)
+        torch.testing.assert_close(real, loss[live, k].double(), rtol=1e-6, atol=1e-9)
+        s0 = w.abs().amax(1).clamp_min(1e-6)
+        dense = _dense_fixed_zero(w, h, zc[:, 0], s0 * 1e-3, s0 * 2, maxq, points=4001)
+        assert bool((real <= dense[live] * (1 + 1e-9) + 1e-12).all())
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_bracketed_integer_zero_search_matches_the_exhaustive_one(bits):
     """The coarse valleys plus bracketed sweeps land where the sweep over every scale

@@ -1262,6 +1262,70 @@ def _chunked_scale_sweep(
     return torch.cat(scales), torch.cat(zero_pts)
 
 
+def integer_zero_sweep(wg: Tensor, hg: Tensor, maxq: int, zeros: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """The exact best scale for each of a few integer zeros shared by every group.
+
+    :func:`_integer_zero_sweep_chunk` over chunks of groups; ``wg, hg: [G, n]``.
+    Returns ``(scale, loss)``, each ``[G, len(zeros)]`` (scale NaN, loss inf where no
+    positive scale exists: an all-zero group).
+    """
+    G, n = wg.shape
+    events = n * max(max(maxq - z, z) for z in zeros)
+    chunk = max(1, _CHUNK_ELEMENTS.get(wg.device.type, 1 << 20) // (events * len(zeros)))
+    scales, losses = [], []
+    for j, i in enumerate(range(0, G, chunk)):
+        s, loss = _run_sweep(_integer_zero_sweep_chunk, wg[i : i + chunk], hg[i : i + chunk], maxq, zeros)
+        scales.append(s)
+        losses.append(loss)
+        _trim(j, wg.device)
+    return torch.cat(scales), torch.cat(losses)
+
+
+def _integer_zero_sweep_chunk(
+    wg: Tensor, hg: Tensor, maxq: int, zeros: tuple[int, ...]
+) -> tuple[Tensor, Tensor]:
+    """:func:`_scale_sweep_chunk` for integer zeros, with half its events and one sort.
+
+    With an integer zero ``z`` every code starts at ``z`` (``c = 0``) as ``s → ∞``, and
+    weight ``w_j`` moves its ``|c|`` from ``i`` to ``i + 1`` at ``r = 1/s = (i + ½)/|w_j|``
+    for ``i`` below the levels on its side of the zero (``maxq − z`` above, ``z`` below):
+    ``P`` gains ``h_j|w_j|``, ``Q`` gains ``h_j(2i + 1)``.  So the breakpoints are the
+    same for every zero, only which of them count differs: one sort serves all zeros
+    (a breakpoint that does not count for a zero splits a piece in two, harmlessly).
+    The general sweep's ``n·maxq`` events per zero, half of them never valid, become
+    ``n·max(maxq − z, z)`` for all.  Returns ``(scale, loss)``, ``[G, Z]``.
+    """
+    w = wg.double()
+    h = hg.double()
+    G = w.shape[0]
+    L = max(max(maxq - z, z) for z in zeros)
+    i = torch.arange(L, device=w.device, dtype=torch.float64)
+    a = w.abs()[:, :, None]
+    r, order = torch.sort(((i + 0.5) / a).reshape(G, -1), dim=1)  # |w| = 0: inf, never reached
+    zero = torch.zeros(G, 1, dtype=torch.float64, device=w.device)
+    r_lo = torch.cat([zero, r], dim=1)  # piece k spans r in [r_lo, r_hi]
+    r_hi = torch.cat([r, torch.full_like(zero, torch.inf)], dim=1)
+    s_lo = 1.0 / r_hi
+    s_hi = torch.where(r_lo > 0, 1.0 / r_lo, torch.inf)
+    w2 = (h * w * w).sum(dim=1, keepdim=True)
+    scales, losses = [], []
+    for z in zeros:
+        levels = torch.where(w > 0, float(maxq - z), float(z))[:, :, None]
+        valid = i < levels
+        d_p = torch.where(valid, (h * w.abs())[:, :, None], 0.0).reshape(G, -1)
+        d_q = torch.where(valid, h[:, :, None] * (2 * i + 1), 0.0).reshape(G, -1)
+        p = torch.cat([zero, torch.cumsum(torch.gather(d_p, 1, order), dim=1)], dim=1)
+        q = torch.cat([zero, torch.cumsum(torch.gather(d_q, 1, order), dim=1)], dim=1)
+        s_star = torch.where(q > 0, p / q.clamp_min(1e-300), s_hi)
+        s_star = torch.minimum(torch.maximum(s_star, s_lo), s_hi)
+        s_star = torch.where(torch.isfinite(s_star) & (s_star > 0), s_star, torch.nan)
+        loss = torch.where(torch.isnan(s_star), torch.inf, w2 - 2 * s_star * p + s_star * s_star * q)
+        best = loss.argmin(dim=1, keepdim=True)
+        scales.append(s_star.gather(1, best))
+        losses.append(loss.gather(1, best))
+    return torch.cat(scales, dim=1).to(wg.dtype), torch.cat(losses, dim=1).to(wg.dtype)
+
+
 def _scale_sweep_chunk(
     wg: Tensor, hg: Tensor, maxq: int, zeros: Tensor | None = None, s_floor: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:

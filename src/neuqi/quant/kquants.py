@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from neuqi.quant.gguf_types import GGUFType, _fp16, _fp16_step, _offset_loss, keep_lower
+from neuqi.quant import gguf_types, init
+from neuqi.quant.gguf_types import GGUFType, _fp16, _fp16_step, keep_lower
 from neuqi.quant.grid import QuantParams
-from neuqi.quant.init import _chunked_scale_sweep, _init_neuqi_grid, group_loss, to_groups
+from neuqi.quant.init import _init_neuqi, _init_neuqi_grid, _run_sweep, integer_zero_sweep, to_groups
 
 # Candidate super-block steps, as multiples of (largest wanted sub-block step)/K: above
 # 1 the largest sub-block keeps its step and the small ones get a coarser lattice.
@@ -46,6 +47,29 @@ LOCAL = 2  # sub-block integers tried around the chosen ones (asymmetric types)
 # as good as the exact restricted zero sweep (Q4_K 0.6616 vs 0.6623 of min-max's error,
 # Q5_K 0.6964 vs 0.6979) and 2-2.5x faster for the whole search (Q5_K 1.6 s vs 4.1 s).
 OFFSET_ITERS = 4
+
+
+# Asymmetric types whose wanted ``(s, z)`` comes from the banded search (the grid search
+# only around the multi-start search's two valleys, ``search="banded"``) instead of the
+# grid search over every scale up to 1.5·s₀.  Q2_K, on the ffn_down rows of SmolLM2-135M
+# (blocks 3, 20) and Qwen2.5-Coder-0.5B (3, 18), bench/kquant_search.py, 2026-12-07: the
+# chosen parameters' diag(H)-weighted error moved by −0.05 % to +0.01 %, the whole search
+# took half the time (the multi-start points alone: a quarter, but +0.02 % to +0.08 %).
+# Q4_K stays on the grid: with the banded target Qwen's block 18 (outlier-dominated) lost 0.8 %.
+BANDED_TARGET_MAXQ = (3,)
+
+
+# The candidate scores below run compiled (:func:`neuqi.quant.init._run_sweep`): eager,
+# each is ~7 passes over ``[G, n]`` and they were 60 % of a Q2_K search once its target
+# came from the multi-start search; fused they are one pass.
+def _offset_loss(wg: Tensor, hg: Tensor, scale: Tensor, offset: Tensor, maxq: int) -> Tensor:
+    """:func:`neuqi.quant.gguf_types._offset_loss`, compiled."""
+    return _run_sweep(gguf_types._offset_loss, wg, hg, scale, offset, maxq)
+
+
+def group_loss(wg: Tensor, hg: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
+    """:func:`neuqi.quant.init.group_loss`, compiled."""
+    return _run_sweep(init.group_loss, wg, hg, scale, zero, maxq)
 
 
 def scale_levels(t: GGUFType) -> tuple[int, int]:
@@ -94,8 +118,13 @@ def _lattice(target: Tensor, step: Tensor, lo: int, hi: int) -> tuple[Tensor, Te
 
 
 # ------------------------------------------------------------------ asymmetric types
-def _fit_offset(wg: Tensor, hg: Tensor, scale: Tensor, offset: Tensor, reach: Tensor, maxq: int,
-                iters: int = OFFSET_ITERS) -> Tensor:
+def _fit_offset(wg: Tensor, hg: Tensor, scale: Tensor, offset: Tensor, reach: Tensor, maxq: int) -> Tensor:
+    """:func:`_fit_offset_chunk`, compiled."""
+    return _run_sweep(_fit_offset_chunk, wg, hg, scale, offset, reach, maxq, OFFSET_ITERS)
+
+
+def _fit_offset_chunk(wg: Tensor, hg: Tensor, scale: Tensor, offset: Tensor, reach: Tensor, maxq: int,
+                      iters: int) -> Tensor:
     """Alternate codes and the weighted-mean offset for a fixed step (each step never
     raises the loss), the offset kept in ``[−reach, 0]``.  ``[G]`` in, ``[G]`` out."""
     hsum = hg.sum(dim=1).clamp_min(1e-30)
@@ -135,7 +164,10 @@ def _asym(wg: Tensor, hg: Tensor, t: GGUFType, init: str) -> tuple[Tensor, Tenso
     mm = _minmax_asym(wg, hg, t, mm_s, -lo)
     if init == "minmax":
         return mm.scale, mm.offset
-    s, z = _init_neuqi_grid(wg, hg, maxq, max_ratio=1.5, refine="sweep", rounds=2)
+    if maxq in BANDED_TARGET_MAXQ:
+        s, z = _init_neuqi(wg, hg, maxq, search="banded")
+    else:
+        s, z = _init_neuqi_grid(wg, hg, maxq, max_ratio=1.5, refine="sweep", rounds=2)
     m = (s * z).clamp_min(0)
     s_max = s.view(-1, subs).amax(dim=1)
     m_max = m.view(-1, subs).amax(dim=1)
@@ -240,10 +272,8 @@ def _sym(wg: Tensor, hg: Tensor, t: GGUFType, init: str) -> tuple[Tensor, Tensor
     best.offer(loss, scale, -scale * zero)
     if init == "minmax":
         return best.scale, best.offset
-    targets = []
-    for zero in (c, c - 1):
-        s, _ = _chunked_scale_sweep(wg, hg, maxq, torch.full((wg.shape[0], 1), float(zero), device=wg.device))
-        targets.append(torch.where(torch.isfinite(s) & (s > 0), s, mm_s))
+    swept, _ = integer_zero_sweep(wg, hg, maxq, (c, c - 1))
+    targets = [torch.where(torch.isfinite(s) & (s > 0), s, mm_s) for s in swept.unbind(1)]
     want = torch.where(group_loss(wg, hg, targets[0], torch.full_like(mm_s, float(c)), maxq)
                        <= group_loss(wg, hg, targets[1], torch.full_like(mm_s, c - 1.0), maxq),
                        targets[0], targets[1])
