@@ -35,7 +35,7 @@ from torch import Tensor
 from neuqi.quant import gguf_types, init
 from neuqi.quant.gguf_types import GGUFType, _fp16, _fp16_step, keep_lower
 from neuqi.quant.grid import QuantParams
-from neuqi.quant.init import _init_neuqi, _init_neuqi_grid, _run_sweep, integer_zero_sweep, to_groups
+from neuqi.quant.init import _init_neuqi_grid, _multistart_points, _run_sweep, integer_zero_sweep, to_groups
 
 # Candidate super-block steps, as multiples of (largest wanted sub-block step)/K: above
 # 1 the largest sub-block keeps its step and the small ones get a coarser lattice.
@@ -49,14 +49,15 @@ LOCAL = 2  # sub-block integers tried around the chosen ones (asymmetric types)
 OFFSET_ITERS = 4
 
 
-# Asymmetric types whose wanted ``(s, z)`` comes from the banded search (the grid search
-# only around the multi-start search's two valleys, ``search="banded"``) instead of the
+# Asymmetric types whose wanted ``(s, z)`` comes from the grid search only around the
+# multi-start search's best valley (its ``band`` grid steps either side) instead of the
 # grid search over every scale up to 1.5·s₀.  Q2_K, on the ffn_down rows of SmolLM2-135M
 # (blocks 3, 20) and Qwen2.5-Coder-0.5B (3, 18), bench/kquant_search.py, 2026-12-07: the
-# chosen parameters' diag(H)-weighted error moved by −0.05 % to +0.01 %, the whole search
-# took half the time (the multi-start points alone: a quarter, but +0.02 % to +0.08 %).
-# Q4_K stays on the grid: with the banded target Qwen's block 18 (outlier-dominated) lost 0.8 %.
-BANDED_TARGET_MAXQ = (3,)
+# chosen parameters' diag(H)-weighted error moved by −0.05 % to +0.008 % and the whole
+# search took 12.9 s against 34.6 s.  Around both valleys (``search="banded"``): 16.4 s,
+# no better; the multi-start points alone: 8.8 s, but +0.02 % to +0.08 %.  Q4_K stays on
+# the grid: with the banded target Qwen's block 18 (outlier-dominated) lost 0.8 %.
+VALLEY_TARGET_MAXQ = (3,)
 
 
 # The candidate scores below run compiled (:func:`neuqi.quant.init._run_sweep`): eager,
@@ -164,8 +165,9 @@ def _asym(wg: Tensor, hg: Tensor, t: GGUFType, init: str) -> tuple[Tensor, Tenso
     mm = _minmax_asym(wg, hg, t, mm_s, -lo)
     if init == "minmax":
         return mm.scale, mm.offset
-    if maxq in BANDED_TARGET_MAXQ:
-        s, z = _init_neuqi(wg, hg, maxq, search="banded")
+    if maxq in VALLEY_TARGET_MAXQ:
+        s1, z1, _, _ = _multistart_points(wg, hg, maxq)
+        s, z = _init_neuqi_grid(wg, hg, maxq, centres=(s1,), incumbent=(s1, z1))
     else:
         s, z = _init_neuqi_grid(wg, hg, maxq, max_ratio=1.5, refine="sweep", rounds=2)
     m = (s * z).clamp_min(0)
