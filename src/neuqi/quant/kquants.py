@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from neuqi.quant import gguf_types, init
+from neuqi.quant import gguf_types
+from neuqi.quant import init as init_math  # not `init`: the searches take an `init` argument
 from neuqi.quant.gguf_types import GGUFType, _fp16, _fp16_step, keep_lower
 from neuqi.quant.grid import QuantParams
 from neuqi.quant.init import _init_neuqi_grid, _multistart_points, _run_sweep, integer_zero_sweep, to_groups
@@ -54,7 +55,7 @@ OFFSET_ITERS = 4
 # grid search over every scale up to 1.5·s₀.  Q2_K, on the ffn_down rows of SmolLM2-135M
 # (blocks 3, 20) and Qwen2.5-Coder-0.5B (3, 18), bench/kquant_search.py, 2026-12-07: the
 # chosen parameters' diag(H)-weighted error moved by −0.05 % to +0.008 % and the whole
-# search took 12.9 s against 34.6 s.  Around both valleys (``search="banded"``): 16.4 s,
+# search took 12.1 s against 34.6 s.  Around both valleys (``search="banded"``): 16.4 s,
 # no better; the multi-start points alone: 8.8 s, but +0.02 % to +0.08 %.  Q4_K stays on
 # the grid: with the banded target Qwen's block 18 (outlier-dominated) lost 0.8 %.
 VALLEY_TARGET_MAXQ = (3,)
@@ -70,7 +71,7 @@ def _offset_loss(wg: Tensor, hg: Tensor, scale: Tensor, offset: Tensor, maxq: in
 
 def group_loss(wg: Tensor, hg: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:
     """:func:`neuqi.quant.init.group_loss`, compiled."""
-    return _run_sweep(init.group_loss, wg, hg, scale, zero, maxq)
+    return _run_sweep(init_math.group_loss, wg, hg, scale, zero, maxq)
 
 
 def scale_levels(t: GGUFType) -> tuple[int, int]:
