@@ -27,7 +27,7 @@ import torch
 
 from neuqi.data.cache import cache_dir
 from neuqi.quant.gguf_types import gguf_type
-from neuqi.quant.init import group_loss, to_groups
+from neuqi.quant.grid import fake_quantize, weighted_error
 from neuqi.quant.kquants import kquant_params
 
 CASES = (("smollm2-135m", (3, 20), 576), ("qwen2.5-coder-0.5b", (3, 18), 448))
@@ -61,9 +61,9 @@ def down_rows(model: str, blocks: tuple[int, ...], rows: int, store: Path) -> li
     return out
 
 
-def weighted_error(w: torch.Tensor, h: torch.Tensor, t, params) -> float:
-    wg, hg, _ = to_groups(w, t.spec, h)
-    return float(group_loss(wg, hg, params.scale.reshape(-1), params.zero.reshape(-1), t.maxq).double().sum())
+def error(w: torch.Tensor, h: torch.Tensor, t, params) -> float:
+    """The linear's diag(H)-weighted rounding error with ``params`` (NeUQI's objective)."""
+    return float(weighted_error(w, fake_quantize(w, params, t.spec), h).double().sum())
 
 
 def markdown(rows: dict) -> str:
@@ -100,7 +100,7 @@ def main() -> None:
             p = kquant_params(w, t, "neuqi", h)
             seconds += time.perf_counter() - t0
             mm = kquant_params(w, t, "minmax", h)
-            ratios.append(weighted_error(w, h, t, p) / weighted_error(w, h, t, mm))
+            ratios.append(error(w, h, t, p) / error(w, h, t, mm))
         rows[f"{t.name}|{args.label}"] = {"type": t.name, "label": args.label, "seconds": seconds,
                                           "ratios": ratios, "names": [c[0] for c in cases],
                                           "threads": args.threads}
