@@ -132,6 +132,7 @@ NEUQI_ROWS: dict[str, dict] = {
     "neuqi-damp0.1-cd3-refit2": {"method": "ldlq", "init": "neuqi", "damp": 0.1, "descent": 3, "refit": 2},
     "neuqi-shrink0.5-cd3": {"method": "ldlq", "init": "neuqi", "shrink": 0.5, "descent": 3},
     "neuqi-damp0.1-shrink0.5": {"method": "ldlq", "init": "neuqi", "damp": 0.1, "shrink": 0.5},
+    "neuqi-shrinkauto": {"method": "ldlq", "init": "neuqi", "shrink": "auto"},
 }
 
 

@@ -39,6 +39,11 @@ def _split(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _cli_type(f, hints: dict) -> type:
+    """What a ``QuantConfig`` field's flag parses to: its own type unless it names one."""
+    return f.metadata.get("cli_type") or hints[f.name]
+
+
 def with_quant_options(command):
     """Give a typer command one option per ``QuantConfig`` field (its help, its flags).
 
@@ -54,7 +59,7 @@ def with_quant_options(command):
     added = [
         inspect.Parameter(
             f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-            annotation=Annotated[qhints[f.name], typer.Option(
+            annotation=Annotated[_cli_type(f, qhints), typer.Option(
                 *f.metadata["flags"], help=f.metadata["help"], rich_help_panel="Quantization")])
         for f in fields(QuantConfig)
     ]

@@ -178,10 +178,10 @@ def test_an_interrupted_moe_run_resumes_to_the_same_checkpoint(calib_file, tmp_p
     whole = quantize_model(RunConfig(**cfg, out_dir=str(tmp_path / "a")), quiet=True)
     real = sequential.quantize_linear
     with monkeypatch.context() as m:
-        def stop(lin, H, opts, name="", cross=None):
+        def stop(lin, H, opts, name="", **kwargs):
             if ".2." in name:
                 raise KeyboardInterrupt
-            return real(lin, H, opts, name, cross)
+            return real(lin, H, opts, name, **kwargs)
 
         m.setattr(sequential, "quantize_linear", stop)
         with pytest.raises(KeyboardInterrupt):

@@ -30,10 +30,10 @@ def interrupt_at(monkeypatch, layer: int, exc: type[BaseException] = KeyboardInt
     """Make the run stop inside decoder layer ``layer`` (as Ctrl-C or a full disk would)."""
     real = sequential.quantize_linear
 
-    def quantize_linear(lin, H, opts, name="", cross=None):
+    def quantize_linear(lin, H, opts, name="", **kwargs):
         if f".{layer}." in name:
             raise exc("injected")
-        return real(lin, H, opts, name, cross)
+        return real(lin, H, opts, name, **kwargs)
 
     monkeypatch.setattr(sequential, "quantize_linear", quantize_linear)
 
@@ -68,8 +68,8 @@ def test_a_run_interrupted_mid_layer_resumes_to_the_uninterrupted_checkpoint(
     # layers 0 and 1 are not quantized again
     done = []
     real = sequential.quantize_linear
-    monkeypatch.setattr(sequential, "quantize_linear", lambda lin, H, opts, name="", cross=None:
-                        done.append(name) or real(lin, H, opts, name, cross))
+    monkeypatch.setattr(sequential, "quantize_linear", lambda lin, H, opts, name="", **kw:
+                        done.append(name) or real(lin, H, opts, name, **kw))
     resumed = quantize_model(config(four_layers, calib_file, tmp_path / "b", low_memory=low_memory,
                                     resume=True), quiet=True)
     assert {n.split(".")[2] for n in done} == {"2", "3"}

@@ -42,9 +42,10 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
     return h.hexdigest()[:8]
 
 
-def option(default, help: str, *flags: str):
-    """A dataclass field that also describes its command-line flag."""
-    meta = {"help": help, "flags": flags}
+def option(default, help: str, *flags: str, cli_type: type | None = None):
+    """A dataclass field that also describes its command-line flag (``cli_type``: what
+    the flag parses to, where the field takes more than one type)."""
+    meta = {"help": help, "flags": flags, "cli_type": cli_type}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -95,9 +96,11 @@ class QuantConfig:
              "one more FP pass per layer. 0: off")
     act_order: bool = option(True, "process columns in decreasing diag(H) order")
     damp: float = option(DEFAULT_DAMP, "Hessian damping, as a fraction of its mean diagonal")
-    shrink: float = option(
+    shrink: float | str = option(
         0.0, "A in [0, 1): the solver sees H's correlations between inputs scaled by 1 - A, its "
-             "diagonal kept (a regulariser for H estimated from few tokens; 0: off)")
+             "diagonal kept (a regulariser for H estimated from few tokens; 0: off); auto: chosen "
+             "per linear by solving on half the calibration windows and scoring on the other half",
+        cli_type=str)
     gguf: str | None = option(
         None, f"quantize for a llama.cpp type ({' | '.join(GGUF_TYPES)}): it sets the bits and "
               "blocks, and the params are the ones the type stores; or for one of llama-quantize's "
@@ -131,6 +134,14 @@ class QuantConfig:
                 raise ValueError(f"--gguf {t.name} takes --init {' or '.join(GGUF_INITS)}, got {self.init!r}")
         if self.gguf_tensor and self.gguf is None:
             raise ValueError("--gguf-tensor overrides the type of --gguf: give --gguf TYPE too")
+        if isinstance(self.shrink, str):
+            if self.shrink.strip().lower() == "auto":
+                self.shrink = "auto"
+            else:
+                try:
+                    self.shrink = float(self.shrink)
+                except ValueError:
+                    raise ValueError(f"--shrink takes A in [0, 1) or auto, got {self.shrink!r}") from None
         self.gguf_tensor = ",".join(f"{n}={t.name}" for n, t in self.tensor_types().items())
         QuantSpec(self.bits, self.group_size)  # validates bits and group size
         if self.init not in INIT_METHODS:
@@ -145,6 +156,9 @@ class QuantConfig:
         self.select = ",".join(self.also_inits)  # as the run name says it: no repeats, no main init
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("--nsamples, --seqlen and --batch-size must be positive")
+        if self.shrink == "auto" and self.nsamples < 2:
+            raise ValueError("--shrink auto holds out half the calibration windows: "
+                             "give --nsamples 2 or more")
         if self.moe_prior_tokens < 0:
             raise ValueError(f"--moe-prior-tokens must be >= 0, got {self.moe_prior_tokens!r}")
         if not 0.0 <= self.fp_target <= 1.0:
@@ -271,7 +285,7 @@ class QuantConfig:
         if self.damp != DEFAULT_DAMP:
             parts.append(f"damp{self.damp:g}")
         if self.shrink:
-            parts.append(f"shrink{self.shrink:g}")
+            parts.append(f"shrink{self.shrink}" if self.shrink == "auto" else f"shrink{self.shrink:g}")
         if self.seed != 0:
             parts.append(f"seed{self.seed}")
         if self.moe_prior_tokens != DEFAULT_MOE_PRIOR_TOKENS:

@@ -119,16 +119,35 @@ def capture_layer_inputs(
 class HessianAccumulator:
     """``H = Σ x xᵀ / tokens`` over the inputs a linear sees (float64 accumulation);
     with :meth:`add_pair` the cross moment ``C = Σ a bᵀ / tokens`` of two inputs seen
-    token by token (``--fp-target``'s ``E[x_fp x_qᵀ]``)."""
+    token by token (``--fp-target``'s ``E[x_fp x_qᵀ]``).
 
-    def __init__(self, n: int, device: torch.device) -> None:
+    With ``folds`` the even and odd calibration windows are summed apart, so that
+    :meth:`folds` gives the H of each half (``--shrink auto`` scores on the half its
+    solve did not see); :meth:`mean` is still the H of all of them."""
+
+    def __init__(self, n: int, device: torch.device, folds: bool = False) -> None:
         self.H = torch.zeros(n, n, dtype=torch.float64, device=device)
         self.tokens = 0
+        self.halves = [torch.zeros_like(self.H) for _ in range(2)] if folds else None
+        self.half_tokens = [0, 0]
+        self.windows = 0
 
     def add(self, x: Tensor) -> None:
-        self.add_pair(x, x)
+        """``x: [..., tokens, in]``: every leading index is one calibration window."""
+        if self.halves is None:
+            self.add_pair(x, x)
+            return
+        for window in x.reshape(-1, *x.shape[-2:]).unbind(0):
+            half = self.windows % 2
+            xf = window.float()
+            self.halves[half] += (xf.t() @ xf).double()
+            self.half_tokens[half] += xf.shape[0]
+            self.tokens += xf.shape[0]
+            self.windows += 1
 
     def add_pair(self, a: Tensor, b: Tensor) -> None:
+        if self.halves is not None:
+            raise RuntimeError("a cross moment is accumulated without folds")
         a = a.reshape(-1, a.shape[-1]).float()
         b = b.reshape(-1, b.shape[-1]).float()
         self.H += (a.t() @ b).double()
@@ -137,7 +156,18 @@ class HessianAccumulator:
     def mean(self) -> Tensor:
         if self.tokens == 0:
             raise RuntimeError("no calibration tokens reached this layer")
+        if self.halves is not None:
+            return (self.halves[0] + self.halves[1]) / self.tokens
         return self.H / self.tokens
+
+    def folds(self) -> tuple[Tensor, Tensor]:
+        """The float32 H of the even and of the odd windows."""
+        if self.halves is None:
+            raise RuntimeError("this accumulator was not asked to keep folds")
+        if min(self.half_tokens) == 0:
+            raise ValueError("--shrink auto holds out half the calibration windows: it needs at least "
+                             "2 windows (--nsamples)")
+        return tuple((h / t).float() for h, t in zip(self.halves, self.half_tokens, strict=True))
 
 
 @torch.no_grad()
@@ -162,29 +192,29 @@ def forward_until(layer: nn.Module, module: nn.Module, batches: list[Batch],
 @torch.no_grad()
 def group_hessian(layer: nn.Module, first_linear: nn.Linear, batches: list[Batch]) -> Tensor:
     """Forward the batches through ``layer`` only as far as ``first_linear``'s input."""
-    acc = HessianAccumulator(first_linear.in_features, batches[0].hidden.device)
-    forward_until(layer, first_linear, batches, lambda args, kwargs: acc.add(args[0]))
-    return acc.mean()
+    return group_statistics(layer, first_linear, batches, None)[0]
 
 
 @torch.no_grad()
 def group_statistics(
     layer: nn.Module, first_linear: nn.Linear, batches: list[Batch], fp_inputs: list[Tensor] | None,
-) -> tuple[Tensor, Tensor | None]:
-    """``(H, C)`` of a group's input: :func:`group_hessian`'s H and, given the FP model's
-    inputs to the same linear batch by batch (``fp_inputs``), ``C = E[x_fp x_qᵀ]``."""
-    if fp_inputs is None:
-        return group_hessian(layer, first_linear, batches), None
-    acc = HessianAccumulator(first_linear.in_features, batches[0].hidden.device)
-    cross = HessianAccumulator(first_linear.in_features, batches[0].hidden.device)
-    fp = iter(fp_inputs)
+    folds: bool = False,
+) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
+    """``(H, C, folds)`` of a group's input: H of the input; given the FP model's inputs
+    to the same linear batch by batch (``fp_inputs``), ``C = E[x_fp x_qᵀ]``; with
+    ``folds``, the H of the even and of the odd windows (:class:`HessianAccumulator`)."""
+    device = batches[0].hidden.device
+    acc = HessianAccumulator(first_linear.in_features, device, folds=folds)
+    cross = None if fp_inputs is None else HessianAccumulator(first_linear.in_features, device)
+    fp = iter(fp_inputs or ())
 
     def record(args, kwargs) -> None:
         acc.add(args[0])
-        cross.add_pair(next(fp), args[0])
+        if cross is not None:
+            cross.add_pair(next(fp), args[0])
 
     forward_until(layer, first_linear, batches, record)
-    return acc.mean(), cross.mean()
+    return acc.mean(), None if cross is None else cross.mean(), acc.folds() if folds else None
 
 
 @torch.no_grad()
@@ -230,18 +260,20 @@ def linear_format(
 
 def quantize_linear(
     lin: nn.Linear, H: Tensor, opts: QuantConfig, name: str = "", cross: Tensor | None = None,
+    folds: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[QuantizedLinear, dict]:
     """Quantize one linear in place (its weight becomes the de-quantized one).
 
     ``name`` picks the linear's GGUF type (``--gguf-tensor``, the row-length fallback);
-    ``cross`` (``--fp-target``) is ``E[x_fp x_qᵀ]`` of its input.
+    ``cross`` (``--fp-target``) is ``E[x_fp x_qᵀ]`` of its input; ``folds``
+    (``--shrink auto``) the H of two halves of the calibration windows.
     """
-    return quantize_weight(lin.weight.data, lin.bias, H, opts, name, cross=cross)
+    return quantize_weight(lin.weight.data, lin.bias, H, opts, name, cross=cross, folds=folds)
 
 
 def quantize_weight(
     weight: Tensor, bias: Tensor | None, H: Tensor, opts: QuantConfig, name: str = "",
-    expert_of: str | None = None, cross: Tensor | None = None,
+    expert_of: str | None = None, cross: Tensor | None = None, folds: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[QuantizedLinear, dict]:
     """Quantize ``weight: [out, in]`` (a linear's, or one expert's slice of a fused
     3-D parameter) in place and return its record and stats.  Given ``cross``, the
@@ -269,6 +301,7 @@ def quantize_weight(
         refit=opts.refit,
         descent=opts.descent,
         shrink=opts.shrink,
+        folds=folds,
         h_power=opts.h_power,
         init_norm=opts.init_norm,
         search=opts.neuqi_search,
@@ -331,6 +364,10 @@ def quantize_layers(
     if fp_batches is not None and any(adapter.layer_experts(layer) is not None for layer in layers):
         raise ValueError("--fp-target applies to dense decoder layers; this model's layers have "
                          "experts: drop --fp-target")
+    if opts.shrink == "auto" and any(adapter.layer_experts(layer) is not None for layer in layers):
+        raise ValueError("--shrink auto holds out calibration windows per linear, which a routed "
+                         "expert's few tokens cannot spare; this model's layers have experts: "
+                         "give --shrink A in [0, 1)")
     start = 0 if resume is None else resume.layers_done
     if start:
         records.update(resume.records)
@@ -366,16 +403,17 @@ def quantize_layers(
         replay = SettledReplay(layer, [lin for linears in groups for lin in linears], experts)
         with replay.active():
             for k, (group, linears) in enumerate(zip(names, groups, strict=True)):
-                H, C = group_statistics(layer, linears[0], batches, fp_inputs[k])
+                H, C, folds = group_statistics(layer, linears[0], batches, fp_inputs[k],
+                                               folds=opts.shrink == "auto")
                 fp_inputs[k] = None  # freed as soon as C holds what it needs
                 for name, lin in zip(group, linears, strict=True):
                     full = f"{adapter.layers}.{i}.{name}"
-                    record, st = quantize_linear(lin, H, opts, full, cross=C)
+                    record, st = quantize_linear(lin, H, opts, full, cross=C, folds=folds)
                     records[full] = record
                     st.update(name=full, shape=list(lin.weight.shape))
                     stats.append(st)
                 replay.done(linears)
-                del H, C
+                del H, C, folds
             if experts is not None:
                 from neuqi.pipeline.moe import quantize_experts
 
