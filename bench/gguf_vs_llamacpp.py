@@ -162,7 +162,8 @@ def neuqi_gguf(model: str, t: str, row: str, args, work: Path) -> tuple[Path, fl
     cfg = RunConfig(model=model, gguf=base, gguf_tensor=gguf_tensor, nsamples=args.nsamples,
                     seqlen=args.seqlen, out_dir=str(work / "runs"), **opts)
     run_dir = work / "runs" / cfg.run_name
-    tag = "".join(f"-{k.replace('_', '')}{v:g}" for k, v in opts.items() if k not in ("method", "init"))
+    tag = "".join(f"-{k.replace('_', '')}{v if isinstance(v, str) else format(v, 'g')}"
+                  for k, v in opts.items() if k not in ("method", "init"))
     out = work / f"neuqi-{opts['method']}-{opts['init']}{tag}-{t.replace('+', '-').replace('=', '-')}.gguf"
     flags = [a for k, v in opts.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     q_s = e_s = 0.0
