@@ -161,6 +161,9 @@ def test_moe_refuses_what_it_cannot_do(calib_file, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--fp-target applies to dense decoder layers"):
         calibrate_and_quantize(run_config(calib_file, fp_target=0.25), model, tok, torch.device("cpu"),
                                quiet=True)
+    with pytest.raises(ValueError, match=r"--shrink auto .* experts"):
+        calibrate_and_quantize(run_config(calib_file, shrink="auto"), model, tok, torch.device("cpu"),
+                               quiet=True)
     # an experts module in another layout is refused, not quantized wrongly
     monkeypatch.setattr(model.model.layers[0].mlp.experts, "is_transposed", True)
     with pytest.raises(ValueError, match="does not store its experts as neuqi expects"):

@@ -176,7 +176,8 @@ def test_run_names_carry_every_setting_that_changes_the_result(calib_file, tmp_p
              "bf16": name(dtype="bfloat16"), "refit": name(refit=2),
              "select": name(init="neuqi_int", select="mse,minmax,mse"),
              "int": name(init="neuqi_int"), "hpow": name(h_power=0.5),
-             "search": name(search="banded"), "cd": name(descent=2)}
+             "search": name(search="banded"), "cd": name(descent=2), "shrink": name(shrink=0.5),
+             "auto": name(shrink="auto")}
     other = tmp_path / "other" / calib_file.name  # same file name, other text
     other.parent.mkdir()
     other.write_text("different calibration text " * 50)
@@ -187,6 +188,8 @@ def test_run_names_carry_every_setting_that_changes_the_result(calib_file, tmp_p
     assert names["refit"].endswith(".refit2") and names["select"].endswith(".sel-mse-minmax")
     assert names["hpow"].endswith(".hpow0.5") and names["search"].endswith(".search-banded")
     assert names["cd"].endswith(".cd2")
+    assert names["shrink"].endswith(".shrink0.5") and names["auto"].endswith(".shrinkauto")
+    assert name(shrink="0.5") == names["shrink"] and name(shrink="AUTO") == names["auto"]
     # what the run records says the same as its name
     typed = tiny_config(tmp_path / "m", calib_file, tmp_path / "runs", init="neuqi_int",
                         select="mse, minmax,mse")
@@ -207,6 +210,10 @@ def test_run_names_carry_every_setting_that_changes_the_result(calib_file, tmp_p
     ({"gguf": "Q4_1", "init": "neuqi", "max_clip": 1.0}, "--max-clip is not available with GGUF"),
     ({"gguf": "Q4_K_M", "init": "neuqi", "init_norm": 3.0}, "--init-norm is not available with GGUF"),
     ({"method": "sgd"}, "unknown --method"),
+    ({"shrink": "some"}, "--shrink takes A in \\[0, 1\\) or auto"),
+    ({"shrink": 1.0}, "--shrink must be 'auto' or in \\[0, 1\\)"),
+    ({"shrink": "auto", "method": "rtn", "init": "minmax"}, "--shrink needs a solver"),
+    ({"shrink": "auto", "nsamples": 1}, "--shrink auto holds out half"),
     ({"search": "banded", "init": "neuqi_int"}, "--search: .* applies to init 'neuqi'"),
     ({"search": "banded", "init_norm": 3.0}, "--search: .* squared error"),
     ({"search": "fast"}, "--search: search must be one of"),
@@ -266,3 +273,30 @@ def test_a_mix_run_names_its_mix_in_the_checkpoint(calib_file, tmp_path):
         assert qc.get("gguf_mix") == mix
         loaded = AutoModelForCausalLM.from_pretrained(run_dir).config.quantization_config
         assert (loaded.to_dict() if hasattr(loaded, "to_dict") else loaded).get("gguf_mix") == mix
+
+
+def test_the_accumulator_splits_even_and_odd_windows_into_folds():
+    from neuqi.pipeline.sequential import HessianAccumulator
+
+    x = torch.randn(5, 7, 6, generator=torch.Generator().manual_seed(0))  # 5 windows of 7 tokens
+    cpu = torch.device("cpu")
+    plain, split = HessianAccumulator(6, cpu), HessianAccumulator(6, cpu, folds=True)
+    for batch in (x[:3], x[3:]):  # windows keep alternating across batches
+        plain.add(batch)
+        split.add(batch)
+    assert torch.allclose(split.mean(), plain.mean())
+    even, odd = split.folds()
+    h = lambda w: (w.reshape(-1, 6).t() @ w.reshape(-1, 6) / (w.shape[0] * 7)).float()  # noqa: E731
+    assert torch.allclose(even, h(x[0::2]), atol=1e-6) and torch.allclose(odd, h(x[1::2]), atol=1e-6)
+    one = HessianAccumulator(6, cpu, folds=True)
+    one.add(x[:1])
+    with pytest.raises(ValueError, match="at least 2 windows"):
+        one.folds()
+
+
+def test_a_shrink_auto_run_records_each_linears_choice(tiny_model, calib_file, tmp_path):
+    cfg = tiny_config(tiny_model, calib_file, tmp_path / "runs", shrink="auto")
+    run_dir = quantize_model(cfg, quiet=True)
+    assert run_dir.name.endswith(".shrinkauto")
+    layers = json.loads((run_dir / "result.json").read_text())["layers"]
+    assert layers and all(0 <= s["shrink"] < 1 and s["shrink_heldout"] for s in layers)

@@ -166,3 +166,62 @@ def test_shrink_moves_ldlq_toward_round_to_nearest_and_reports_the_calibration_l
             gptq_quantize(w, H, spec, shrink=bad)
     with pytest.raises(ValueError, match="needs a solver"):
         gptq_quantize(w, H, spec, algorithm="rtn", shrink=0.5)
+
+
+def _correlated_tokens(k: int, n: int, seed: int) -> torch.Tensor:
+    """``[k, n]`` inputs with correlated features and per-input magnitudes spread over
+    e^±2 (as a down_proj's are); the same mixing for every seed."""
+    mix = torch.Generator().manual_seed(0)
+    A = torch.randn(n, n, generator=mix) / n**0.5 + 0.3 * torch.eye(n)
+    scale = torch.exp(torch.randn(n, generator=mix))
+    return (torch.randn(k, n, generator=torch.Generator().manual_seed(seed)) @ A.t()) * scale
+
+
+def _h(X: torch.Tensor) -> torch.Tensor:
+    return (X.t() @ X / X.shape[0]).double()
+
+
+def test_choose_shrink_finds_the_grid_minimum_and_shrinks_only_an_h_from_too_few_tokens():
+    """Fitted to fewer tokens than inputs, the solve is better on other tokens with the
+    correlations shrunk; fitted to many, unshrunk is best.  The climb lands on the grid's
+    minimum of the held-out loss (checked against every candidate), each loss is the
+    public solver's own on the held-out H, and the amount is mapped to the full H."""
+    from neuqi.quant.gptq import SHRINK_GRID, choose_shrink, damped_diagonal
+    from neuqi.quant.init import init_params
+
+    n, spec = 96, QuantSpec(3, 32)
+    w = torch.randn(48, n, generator=torch.Generator().manual_seed(3)) * 0.02
+    H_score = _h(_correlated_tokens(20000, n, seed=1))
+    chosen = {}
+    for k in (48, 20000):
+        H_fit = _h(_correlated_tokens(k, n, seed=2))
+        params = init_params(w, spec, "neuqi", damped_diagonal(H_fit, 0.01))
+        a, losses = choose_shrink(w, params, spec, H_fit, H_score, damp=0.01)
+        every = {}
+        for s in SHRINK_GRID:
+            res = gptq_quantize(w, H_fit, spec, init="neuqi", shrink=s)
+            every[s] = quant_losses(w, dequantize(res.codes, res.params, spec), H_score)["quant_loss"]
+        for s, loss in losses.items():
+            assert loss == pytest.approx(every[s], rel=1e-4)
+        best = min(every, key=every.get)
+        assert a == pytest.approx(best / (2 - best))
+        chosen[k] = best
+    assert chosen[48] >= 0.3 and chosen[20000] == 0.0
+
+
+def test_shrink_auto_uses_the_folds_and_reports_its_choice():
+    n, spec = 96, QuantSpec(3, 32)
+    w = torch.randn(48, n, generator=torch.Generator().manual_seed(3)) * 0.02
+    X = _correlated_tokens(96, n, seed=4)
+    folds = (_h(X[:48]).float(), _h(X[48:]).float())
+    H = (folds[0].double() + folds[1].double()) / 2
+    res = gptq_quantize(w, H, spec, init="neuqi", shrink="auto", folds=folds)
+    a = res.stats["shrink"]
+    assert 0 < a < 1 and set(res.stats["shrink_heldout"]) >= {"0.7", "0.8", "0.9"}
+    assert torch.equal(res.codes, gptq_quantize(w, H, spec, init="neuqi", shrink=a).codes)
+    with pytest.raises(ValueError, match="folds"):
+        gptq_quantize(w, H, spec, shrink="auto")
+    with pytest.raises(ValueError, match="needs a solver"):
+        gptq_quantize(w, H, spec, algorithm="rtn", shrink="auto", folds=folds)
+    with pytest.raises(ValueError, match="'auto' or in"):
+        gptq_quantize(w, H, spec, shrink="half", folds=folds)
