@@ -133,6 +133,7 @@ NEUQI_ROWS: dict[str, dict] = {
     "neuqi-shrink0.5-cd3": {"method": "ldlq", "init": "neuqi", "shrink": 0.5, "descent": 3},
     "neuqi-damp0.1-shrink0.5": {"method": "ldlq", "init": "neuqi", "damp": 0.1, "shrink": 0.5},
     "neuqi-shrinkauto": {"method": "ldlq", "init": "neuqi", "shrink": "auto"},
+    "neuqi-shrinkauto-cd3": {"method": "ldlq", "init": "neuqi", "shrink": "auto", "descent": 3},
 }
 
 
