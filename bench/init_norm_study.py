@@ -72,17 +72,17 @@ if v.startswith("peer"):
     I._init_mse = peer_search
     opts = dict(init="mse")
 elif v == "fp-H":
-    first = S.group_hessian
+    first = S.group_statistics
     cache = {}
 
-    def fp_hessians(layer, lin, batches):
+    def fp_statistics(layer, lin, batches, fp_inputs, folds=False):
         if id(layer) not in cache:
             cache.clear()
             heads = [layer.get_submodule(g[0]) for g in LLAMA.layer_groups(layer)]
-            cache[id(layer)] = {id(m): first(layer, m, batches) for m in heads}
-        return cache[id(layer)].pop(id(lin))
+            cache[id(layer)] = {id(m): first(layer, m, batches, None)[0] for m in heads}
+        return cache[id(layer)].pop(id(lin)), None, None
 
-    S.group_hessian = fp_hessians
+    S.group_statistics = fp_statistics
 elif v.startswith("norm"):
     opts = dict(init="neuqi_int", init_norm=float(v[4:]))
 else:
