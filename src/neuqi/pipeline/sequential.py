@@ -121,32 +121,34 @@ class HessianAccumulator:
     with :meth:`add_pair` the cross moment ``C = Σ a bᵀ / tokens`` of two inputs seen
     token by token (``--fp-target``'s ``E[x_fp x_qᵀ]``).
 
-    With ``folds`` the even and odd calibration windows are summed apart, so that
-    :meth:`folds` gives the H of each half (``--shrink auto`` scores on the half its
-    solve did not see); :meth:`mean` is still the H of all of them."""
+    With ``folds`` the odd calibration windows are also summed apart, so that
+    :meth:`folds` gives the H of the even and of the odd half (``--shrink auto`` scores
+    on the half its solve did not see); :meth:`mean` is still the H of all of them."""
 
     def __init__(self, n: int, device: torch.device, folds: bool = False) -> None:
         self.H = torch.zeros(n, n, dtype=torch.float64, device=device)
         self.tokens = 0
-        self.halves = [torch.zeros_like(self.H) for _ in range(2)] if folds else None
-        self.half_tokens = [0, 0]
+        self.odd = torch.zeros_like(self.H) if folds else None
+        self.odd_tokens = 0
         self.windows = 0
 
     def add(self, x: Tensor) -> None:
         """``x: [..., tokens, in]``: every leading index is one calibration window."""
-        if self.halves is None:
+        if self.odd is None:
             self.add_pair(x, x)
             return
         for window in x.reshape(-1, *x.shape[-2:]).unbind(0):
-            half = self.windows % 2
             xf = window.float()
-            self.halves[half] += (xf.t() @ xf).double()
-            self.half_tokens[half] += xf.shape[0]
+            xx = (xf.t() @ xf).double()
+            self.H += xx
             self.tokens += xf.shape[0]
+            if self.windows % 2:
+                self.odd += xx
+                self.odd_tokens += xf.shape[0]
             self.windows += 1
 
     def add_pair(self, a: Tensor, b: Tensor) -> None:
-        if self.halves is not None:
+        if self.odd is not None:
             raise RuntimeError("a cross moment is accumulated without folds")
         a = a.reshape(-1, a.shape[-1]).float()
         b = b.reshape(-1, b.shape[-1]).float()
@@ -156,18 +158,17 @@ class HessianAccumulator:
     def mean(self) -> Tensor:
         if self.tokens == 0:
             raise RuntimeError("no calibration tokens reached this layer")
-        if self.halves is not None:
-            return (self.halves[0] + self.halves[1]) / self.tokens
         return self.H / self.tokens
 
     def folds(self) -> tuple[Tensor, Tensor]:
         """The float32 H of the even and of the odd windows."""
-        if self.halves is None:
+        if self.odd is None:
             raise RuntimeError("this accumulator was not asked to keep folds")
-        if min(self.half_tokens) == 0:
+        if self.windows < 2:
             raise ValueError("--shrink auto holds out half the calibration windows: it needs at least "
                              "2 windows (--nsamples)")
-        return tuple((h / t).float() for h, t in zip(self.halves, self.half_tokens, strict=True))
+        even = (self.H - self.odd) / (self.tokens - self.odd_tokens)
+        return even.float(), (self.odd / self.odd_tokens).float()
 
 
 @torch.no_grad()

@@ -85,7 +85,7 @@ def choose_shrink(
     ``H_score: [in, in]`` (the other half): ``tr((W − Ŵ) H_score (W − Ŵ)ᵀ)``, the
     output error on tokens the solve did not see.  The loss over :data:`SHRINK_GRID`
     is one valley in practice, so the search climbs from :data:`SHRINK_START` to the
-    neighbour that lowers it (3–4 factorisations, not 8).
+    neighbour that lowers it (3–6 factorisations, not 8).
 
     The amount found for half the tokens is too much for all of them: the noise in
     the estimated correlations falls as 1/tokens, and if the best amount is
