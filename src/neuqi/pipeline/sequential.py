@@ -362,10 +362,11 @@ def quantize_layers(
     # --fp-target: the FP model's own hidden states, carried beside the quantized ones
     # (layer 0's inputs are the same in both models)
     fp_batches = batches if opts.fp_target else None
-    if fp_batches is not None and any(adapter.layer_experts(layer) is not None for layer in layers):
+    has_experts = any(adapter.layer_experts(layer) is not None for layer in layers)
+    if fp_batches is not None and has_experts:
         raise ValueError("--fp-target applies to dense decoder layers; this model's layers have "
                          "experts: drop --fp-target")
-    if opts.shrink == "auto" and any(adapter.layer_experts(layer) is not None for layer in layers):
+    if opts.shrink == "auto" and has_experts:
         raise ValueError("--shrink auto holds out calibration windows per linear, which a routed "
                          "expert's few tokens cannot spare; this model's layers have experts: "
                          "give --shrink A in [0, 1)")
