@@ -26,7 +26,7 @@ from neuqi.io_utils import atomic_write_json, atomic_write_text
 from neuqi.models.adapters import adapter_for
 from neuqi.models.loading import load_model, load_tokenizer
 from neuqi.pipeline.sequential import block_hessians
-from neuqi.quant import QuantSpec, dequantize, gptq_quantize
+from neuqi.quant import QuantSpec, dequantize, gptq, gptq_quantize
 from neuqi.quant.gguf_types import GGUF_TYPES, gguf_type
 
 # name -> gptq_quantize keywords; "init" is the float-zero NeUQI unless given (GGUF
@@ -54,10 +54,52 @@ VARIANTS: dict[str, dict] = {
     "NeUQI shrink0.6": {"init": "neuqi", "shrink": 0.6},
     "NeUQI damp0.1 shrink0.2": {"init": "neuqi", "damp": 0.1, "shrink": 0.2},
     "NeUQI_int damp0.1 cd3": {"init": "neuqi_int", "damp": 0.1, "descent": 3},
+    # AWQ's equivalence: input column j scaled by diag(H)_j^(a/2) (geometric mean 1) before
+    # quantizing, H by its inverse, undone after; for down_proj the previous linear (up_proj)
+    # would absorb it exactly, so the file could store it
+    "NeUQI awq0.25": {"init": "neuqi", "awq": 0.25},
+    "NeUQI awq0.5": {"init": "neuqi", "awq": 0.5},
+    "NeUQI RTN awq0.25": {"init": "neuqi", "algorithm": "rtn", "awq": 0.25},
+    # LDLQ whose codes stay within floor/ceil of the unfed value, as AutoRound bounds rounding
+    "NeUQI bounded": {"init": "neuqi", "bounded": True},
+    "NeUQI bounded shrink0.4": {"init": "neuqi", "bounded": True, "shrink": 0.4},
 }
 DEFAULT_VARIANTS = ("NeUQI_int,NeUQI_int refit4,NeUQI_int select,NeUQI_int select+refit4,mse,NeUQI,"
                     "NeUQI refit4")
 OUT = Path("bench/results/heldout_study")
+
+
+def bounded_solve(Wt, F, St, Zt, maxq, algorithm, block):
+    """LDLQ (``gptq._solve``'s loop) with each code kept to floor/ceil of ``Wt/St + Zt``."""
+    n = Wt.shape[0]
+    Q, E = torch.empty_like(Wt), torch.zeros_like(Wt)
+    lo = torch.floor(Wt / St + Zt)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        X = Wt[i1:i2] + F[:i1, i1:i2].t() @ E[:i1]
+        for i in range(i2 - i1):
+            k = i1 + i
+            x = X[i] + (F[i1:k, k] @ E[i1:k] if i else 0.0)
+            q = torch.clamp(torch.clamp(torch.round(x / St[k] + Zt[k]), lo[k], lo[k] + 1), 0, maxq)
+            Q[k], E[k] = q, Wt[k] - St[k] * (q - Zt[k])
+    return Q
+
+
+def quantize_variant(w: torch.Tensor, H: torch.Tensor, spec: QuantSpec, kw: dict) -> torch.Tensor:
+    """The de-quantized ``w`` of one variant (``awq`` and ``bounded`` handled here)."""
+    kw = dict(kw)
+    a, bounded = kw.pop("awq", None), kw.pop("bounded", False)
+    s = torch.ones(w.shape[1])
+    if a is not None:
+        s = torch.diagonal(H).double().clamp_min(1e-12) ** (a / 2)
+        s = (s / s.log().mean().exp()).float()
+    saved = gptq._solve
+    gptq._solve = bounded_solve if bounded else saved
+    try:
+        r = gptq_quantize(w * s[None, :], H / s[:, None] / s[None, :], spec, **kw)
+    finally:
+        gptq._solve = saved
+    return dequantize(r.codes, r.params, spec) / s[None, :]
 
 
 def rel(D: torch.Tensor, w: torch.Tensor, H: torch.Tensor) -> float:
@@ -113,8 +155,7 @@ def main() -> None:
             used = [(n, w, Ha, Hb) for n, w, Ha, Hb in pairs if t is None or t.fits(w.shape[1])]
             tr = te = 0.0
             for _, w, Ha, Hb in used:
-                r = gptq_quantize(w, Ha, spec, **kw)
-                D = (w - dequantize(r.codes, r.params, spec)).double()
+                D = (w - quantize_variant(w, Ha, spec, kw)).double()
                 tr += rel(D, w, Ha) / len(used)
                 te += rel(D, w, Hb) / len(used)
             rows[key] = {"block": args.block, "nsamples": args.nsamples, "config": c, "variant": v,
