@@ -209,6 +209,25 @@ def test_choose_shrink_finds_the_grid_minimum_and_shrinks_only_an_h_from_too_few
     assert chosen[48] >= 0.3 and chosen[20000] == 0.0
 
 
+def test_choose_shrink_on_a_subset_of_rows_scores_exactly_those_rows():
+    """Rows are independent given H, so the trial on ``max_rows`` evenly spaced rows
+    gives each candidate the full solve's held-out loss summed over those rows."""
+    from neuqi.quant.gptq import choose_shrink, damped_diagonal
+    from neuqi.quant.init import init_params
+
+    n, spec = 96, QuantSpec(3, 32)
+    w = torch.randn(48, n, generator=torch.Generator().manual_seed(5)) * 0.02
+    H_fit, H_score = _h(_correlated_tokens(64, n, seed=6)), _h(_correlated_tokens(4000, n, seed=7))
+    params = init_params(w, spec, "neuqi", damped_diagonal(H_fit, 0.01))
+    rows = torch.linspace(0, 47, 16).round().long()
+    _, losses = choose_shrink(w, params, spec, H_fit, H_score, damp=0.01, max_rows=16)
+    assert len(losses) >= 3
+    for s, loss in losses.items():
+        res = gptq_quantize(w, H_fit, spec, init="neuqi", shrink=s)
+        D = (w - dequantize(res.codes, res.params, spec))[rows].double()
+        assert loss == pytest.approx(float(((D @ H_score) * D).sum()), rel=1e-4)
+
+
 def test_shrink_auto_uses_the_folds_and_reports_its_choice():
     n, spec = 96, QuantSpec(3, 32)
     w = torch.randn(48, n, generator=torch.Generator().manual_seed(3)) * 0.02

@@ -43,9 +43,9 @@ class GPTQResult:
     stats: dict = field(default_factory=dict)
 
 
-def damp_hessian(H: Tensor, damp: float) -> Tensor:
-    """``H + damp · mean(diag H) · I`` in float64; dead inputs (diag 0) get 1."""
-    Hd = H.to(torch.float64, copy=True)  # one copy, whatever H's dtype
+def damp_hessian(H: Tensor, damp: float, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``H + damp · mean(diag H) · I`` in ``dtype``; dead inputs (diag 0) get 1."""
+    Hd = H.to(dtype, copy=True)  # one copy, whatever H's dtype
     torch.diagonal(Hd).copy_(_damped_diag64(H, damp))
     return Hd
 
@@ -72,11 +72,14 @@ def shrink_hessian(H: Tensor, shrink: float) -> Tensor:
 # increasing order; the search climbs from SHRINK_START toward the lower held-out loss.
 SHRINK_GRID: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 SHRINK_START = 4
+# rows of W that :func:`choose_shrink`'s trial solves use (evenly spaced; all if fewer)
+SHRINK_ROWS: int | None = 512
 
 
 def choose_shrink(
     W: Tensor, params: QuantParams, spec: QuantSpec, H_fit: Tensor, H_score: Tensor, *,
     damp: float, algorithm: str = "ldlq", act_order: bool = True, block_size: int = 128,
+    max_rows: int | None = SHRINK_ROWS, factor_dtype: torch.dtype = torch.float32,
 ) -> tuple[float, dict[float, float]]:
     """The ``shrink`` for H estimated from all calibration tokens, chosen on held-out ones.
 
@@ -87,6 +90,12 @@ def choose_shrink(
     is one valley in practice, so the search climbs from :data:`SHRINK_START` to the
     neighbour that lowers it (3–6 factorisations, not 8).
 
+    The trials are cheaper than the final solve.  Rows are independent given H, so
+    ``max_rows`` evenly spaced rows (all when None or fewer) estimate the loss, the
+    same rows for every candidate; and the trial factorisations run in
+    ``factor_dtype`` (a shrunk, damped H is well conditioned).  The final solve stays
+    in float64 on every row.
+
     The amount found for half the tokens is too much for all of them: the noise in
     the estimated correlations falls as 1/tokens, and if the best amount is
     ``noise / (noise + signal)`` then halving the noise maps ``a`` to ``a / (2 − a)``
@@ -95,23 +104,30 @@ def choose_shrink(
 
     Returns ``(shrink for the full H, {candidate: held-out loss})``.
     """
-    n = W.shape[1]
+    out, n = W.shape
+    rows = (torch.linspace(0, out - 1, max_rows, device=W.device).round().long()
+            if max_rows is not None and out > max_rows else None)
     perm = (torch.argsort(torch.diagonal(H_fit), descending=True, stable=True) if act_order
             else torch.arange(n, device=W.device))
-    Hp = H_fit.double()[perm[:, None], perm]  # shrinking keeps the diagonal, so one order serves all
+    # shrinking keeps the diagonal, so one order serves all candidates; the score is a
+    # trace, the same in any order, so it is taken in the processing order too
+    Hp = H_fit[perm[:, None], perm]
+    Hs = H_score.float()[perm[:, None], perm]
     S, Z = params.expand(spec, n)
+    W = W.float()
+    if rows is not None:
+        W, S, Z = W[rows], S[rows], Z[rows]
     Wt, St, Zt = W.t()[perm].contiguous(), S.t()[perm].contiguous(), Z.t()[perm].contiguous()
-    H_score = H_score.float()
+    del S, Z
     losses: dict[float, float] = {}
 
     def loss(i: int) -> float:
         a = SHRINK_GRID[i]
         if a not in losses:
-            F, _ = _factor(shrink_hessian(Hp, a), damp, algorithm)
-            codes = torch.empty_like(W)
-            codes[:, perm] = _solve(Wt, F, St, Zt, spec.maxq, algorithm, block_size).t()
-            D = W.float() - dequantize(codes, params, spec)
-            losses[a] = float(((D @ H_score) * D).sum())
+            F, _ = _factor(shrink_hessian(Hp, a), damp, algorithm, dtype=factor_dtype)
+            codes = _solve(Wt, F, St, Zt, spec.maxq, algorithm, block_size)
+            D = Wt - St * (codes - Zt)  # [in, rows], processing order
+            losses[a] = float(((Hs @ D) * D).sum())
         return losses[a]
 
     i = SHRINK_START
@@ -137,7 +153,8 @@ def _damped_diag64(H: Tensor, damp: float) -> Tensor:
     return diag
 
 
-def with_damping(fn, H: Tensor, damp: float, max_tries: int = 8) -> tuple[Tensor, float]:
+def with_damping(fn, H: Tensor, damp: float, max_tries: int = 8,
+                 dtype: torch.dtype = torch.float64) -> tuple[Tensor, float]:
     """``fn(H damped)``, raising the damping tenfold until it gives a finite result.
 
     Returns ``(fn's result, damp_used)``.  ``fn`` factors (it may raise
@@ -147,7 +164,7 @@ def with_damping(fn, H: Tensor, damp: float, max_tries: int = 8) -> tuple[Tensor
     d = damp
     for _ in range(max_tries):
         try:
-            F = fn(damp_hessian(H, d))
+            F = fn(damp_hessian(H, d, dtype))
             if torch.isfinite(F).all():
                 return F, d
         except torch.linalg.LinAlgError:
@@ -159,8 +176,9 @@ def with_damping(fn, H: Tensor, damp: float, max_tries: int = 8) -> tuple[Tensor
     )
 
 
-def _factor(H: Tensor, damp: float, algorithm: str, max_tries: int = 8) -> tuple[Tensor, float]:
-    """Damp and factor H (:func:`with_damping`).
+def _factor(H: Tensor, damp: float, algorithm: str, max_tries: int = 8,
+            dtype: torch.dtype = torch.float64) -> tuple[Tensor, float]:
+    """Damp and factor H (:func:`with_damping`) in ``dtype``.
 
     Returns ``(F, damp_used)``: for GPTQ the upper Cholesky factor of ``H⁻¹``; for LDLQ
     the unit upper triangular ``U`` of ``H = U D Uᵀ``.
@@ -178,7 +196,7 @@ def _factor(H: Tensor, damp: float, algorithm: str, max_tries: int = 8) -> tuple
         F /= torch.diagonal(F).clone()[None, :]
         return F
 
-    F, d = with_damping(factor, H, damp, max_tries)
+    F, d = with_damping(factor, H, damp, max_tries, dtype)
     return F.float(), d
 
 
