@@ -300,3 +300,11 @@ def test_a_shrink_auto_run_records_each_linears_choice(tiny_model, calib_file, t
     assert run_dir.name.endswith(".shrinkauto")
     layers = json.loads((run_dir / "result.json").read_text())["layers"]
     assert layers and all(0 <= s["shrink"] < 1 and s["shrink_heldout"] for s in layers)
+    last: dict[str, float] = {}
+    for s in layers:  # each linear's search starts where the previous layer's same linear ended
+        assert s["shrink"] == pytest.approx(s["shrink_fold"] / (2 - s["shrink_fold"]))
+        role = s["name"].split(".", 3)[-1]
+        if role in last:
+            assert f"{last[role]:g}" in s["shrink_heldout"]
+        last[role] = s["shrink_fold"]
+    assert len(last) >= 4

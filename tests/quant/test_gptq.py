@@ -184,8 +184,9 @@ def _h(X: torch.Tensor) -> torch.Tensor:
 def test_choose_shrink_finds_the_grid_minimum_and_shrinks_only_an_h_from_too_few_tokens():
     """Fitted to fewer tokens than inputs, the solve is better on other tokens with the
     correlations shrunk; fitted to many, unshrunk is best.  The climb lands on the grid's
-    minimum of the held-out loss (checked against every candidate), each loss is the
-    public solver's own on the held-out H, and the amount is mapped to the full H."""
+    minimum of the held-out loss (checked against every candidate) from any start, each
+    loss is the public solver's own on the held-out H, and the amount is mapped to the
+    full H."""
     from neuqi.quant.gptq import SHRINK_GRID, choose_shrink, damped_diagonal
     from neuqi.quant.init import init_params
 
@@ -205,6 +206,8 @@ def test_choose_shrink_finds_the_grid_minimum_and_shrinks_only_an_h_from_too_few
             assert loss == pytest.approx(every[s], rel=1e-4)
         best = min(every, key=every.get)
         assert a == pytest.approx(best / (2 - best))
+        for start in (0.0, 0.98):  # the valley is found from either end of the grid
+            assert choose_shrink(w, params, spec, H_fit, H_score, damp=0.01, start=start)[0] == a
         chosen[k] = best
     assert chosen[48] >= 0.3 and chosen[20000] == 0.0
 

@@ -261,20 +261,23 @@ def linear_format(
 
 def quantize_linear(
     lin: nn.Linear, H: Tensor, opts: QuantConfig, name: str = "", cross: Tensor | None = None,
-    folds: tuple[Tensor, Tensor] | None = None,
+    folds: tuple[Tensor, Tensor] | None = None, shrink_start: float | None = None,
 ) -> tuple[QuantizedLinear, dict]:
     """Quantize one linear in place (its weight becomes the de-quantized one).
 
     ``name`` picks the linear's GGUF type (``--gguf-tensor``, the row-length fallback);
     ``cross`` (``--fp-target``) is ``E[x_fp x_qᵀ]`` of its input; ``folds``
-    (``--shrink auto``) the H of two halves of the calibration windows.
+    (``--shrink auto``) the H of two halves of the calibration windows, and
+    ``shrink_start`` where the search for the shrink starts.
     """
-    return quantize_weight(lin.weight.data, lin.bias, H, opts, name, cross=cross, folds=folds)
+    return quantize_weight(lin.weight.data, lin.bias, H, opts, name, cross=cross, folds=folds,
+                           shrink_start=shrink_start)
 
 
 def quantize_weight(
     weight: Tensor, bias: Tensor | None, H: Tensor, opts: QuantConfig, name: str = "",
     expert_of: str | None = None, cross: Tensor | None = None, folds: tuple[Tensor, Tensor] | None = None,
+    shrink_start: float | None = None,
 ) -> tuple[QuantizedLinear, dict]:
     """Quantize ``weight: [out, in]`` (a linear's, or one expert's slice of a fused
     3-D parameter) in place and return its record and stats.  Given ``cross``, the
@@ -303,6 +306,7 @@ def quantize_weight(
         descent=opts.descent,
         shrink=opts.shrink,
         folds=folds,
+        shrink_start=shrink_start,
         h_power=opts.h_power,
         init_norm=opts.init_norm,
         search=opts.neuqi_search,
@@ -362,6 +366,7 @@ def quantize_layers(
     # --fp-target: the FP model's own hidden states, carried beside the quantized ones
     # (layer 0's inputs are the same in both models)
     fp_batches = batches if opts.fp_target else None
+    shrink_starts: dict[str, float] = {}  # --shrink auto: each linear's last choice, by its name in a layer
     has_experts = any(adapter.layer_experts(layer) is not None for layer in layers)
     if fp_batches is not None and has_experts:
         raise ValueError("--fp-target applies to dense decoder layers; this model's layers have "
@@ -410,7 +415,10 @@ def quantize_layers(
                 fp_inputs[k] = None  # freed as soon as C holds what it needs
                 for name, lin in zip(group, linears, strict=True):
                     full = f"{adapter.layers}.{i}.{name}"
-                    record, st = quantize_linear(lin, H, opts, full, cross=C, folds=folds)
+                    record, st = quantize_linear(lin, H, opts, full, cross=C, folds=folds,
+                                                 shrink_start=shrink_starts.get(name))
+                    if "shrink_fold" in st:  # the next layer's same linear starts there
+                        shrink_starts[name] = st["shrink_fold"]
                     records[full] = record
                     st.update(name=full, shape=list(lin.weight.shape))
                     stats.append(st)

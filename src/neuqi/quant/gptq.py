@@ -80,6 +80,7 @@ def choose_shrink(
     W: Tensor, params: QuantParams, spec: QuantSpec, H_fit: Tensor, H_score: Tensor, *,
     damp: float, algorithm: str = "ldlq", act_order: bool = True, block_size: int = 128,
     max_rows: int | None = SHRINK_ROWS, factor_dtype: torch.dtype = torch.float32,
+    start: float | None = None,
 ) -> tuple[float, dict[float, float]]:
     """The ``shrink`` for H estimated from all calibration tokens, chosen on held-out ones.
 
@@ -87,8 +88,10 @@ def choose_shrink(
     calibration windows) shrunk by each candidate, and each solution is scored on
     ``H_score: [in, in]`` (the other half): ``tr((W − Ŵ) H_score (W − Ŵ)ᵀ)``, the
     output error on tokens the solve did not see.  The loss over :data:`SHRINK_GRID`
-    is one valley in practice, so the search climbs from :data:`SHRINK_START` to the
-    neighbour that lowers it (3–6 factorisations, not 8).
+    is one valley in practice, so the search climbs from ``start`` (the grid value
+    nearest it; :data:`SHRINK_START` when None) to the neighbour that lowers it (3–6
+    factorisations, not 8).  The pipeline starts each linear where the same linear of
+    the previous layer ended, which usually leaves three.
 
     The trials are cheaper than the final solve.  Rows are independent given H, so
     ``max_rows`` evenly spaced rows (all when None or fewer) estimate the loss, the
@@ -102,7 +105,8 @@ def choose_shrink(
     (0.9 → 0.82).  On Qwen2.5-Coder-1.5B's block-2 ``down_proj`` at Q3_K (16 × 512
     tokens, 8960 inputs) this picks 0.82; the best on 64 × 512 other tokens was 0.8.
 
-    Returns ``(shrink for the full H, {candidate: held-out loss})``.
+    Returns ``(shrink for the full H, {candidate: held-out loss})``; the grid value
+    chosen is the candidate of lowest loss.
     """
     out, n = W.shape
     rows = (torch.linspace(0, out - 1, max_rows, device=W.device).round().long()
@@ -130,7 +134,8 @@ def choose_shrink(
             losses[a] = float(((Hs @ D) * D).sum())
         return losses[a]
 
-    i = SHRINK_START
+    i = (SHRINK_START if start is None
+         else min(range(len(SHRINK_GRID)), key=lambda j: abs(SHRINK_GRID[j] - start)))
     while True:  # climb to the neighbour with the lower held-out loss
         nbrs = [j for j in (i - 1, i + 1) if 0 <= j < len(SHRINK_GRID)]
         j = min(nbrs, key=loss)
@@ -338,6 +343,7 @@ def gptq_quantize(
     descent: int = 0,
     shrink: float | Literal["auto"] = 0.0,
     folds: tuple[Tensor, Tensor] | None = None,
+    shrink_start: float | None = None,
 ) -> GPTQResult:
     """Quantize ``w: [out, in]`` against the second-moment matrix ``H: [in, in]``.
 
@@ -380,6 +386,8 @@ def gptq_quantize(
       ``"auto"`` chooses it per linear on held-out tokens (:func:`choose_shrink`):
       ``folds`` are the H of two halves of the calibration windows, the solve fitted
       to the first is scored on the second; MagR then sees H unshrunk.
+      ``shrink_start`` is where that search starts (a grid value; the stats' ``shrink_fold``
+      is the one chosen).
     """
     check_weight(w)
     check_hessian(H, w.shape[1])
@@ -423,9 +431,11 @@ def gptq_quantize(
     extra: dict = {}
     if shrink == "auto":
         shrink, heldout = choose_shrink(W, params, spec, folds[0].to(device), folds[1].to(device), damp=damp,
-                                        algorithm=algorithm, act_order=act_order, block_size=block_size)
+                                        algorithm=algorithm, act_order=act_order, block_size=block_size,
+                                        start=shrink_start)
         H = shrink_hessian(H_calib, shrink)
-        extra.update(shrink=shrink, shrink_heldout={f"{a:g}": v for a, v in heldout.items()},
+        extra.update(shrink=shrink, shrink_fold=min(heldout, key=heldout.get),
+                     shrink_heldout={f"{a:g}": v for a, v in heldout.items()},
                      seconds_shrink=time.perf_counter() - t_init)
 
     n = W.shape[1]
