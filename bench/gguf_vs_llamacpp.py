@@ -199,6 +199,8 @@ def measure(rec: dict, gguf: Path, texts: dict[str, Path], kl_base: Path, args, 
             save()
     if "mean_dp_pct" not in rec.get("kl", {}):  # records from before Δp was read are measured again
         r = llamacpp.perplexity(gguf, texts["wiki-sample"], ctx=args.ctx, kl_base=kl_base)
+        # its percentiles of KL and Δp, which the table leaves out
+        atomic_write_text(gguf.with_suffix(".kl.log"), r.log)
         rec["kl"] = {"mean": r.kl_mean, "err": r.kl_err, "same_top1_pct": r.same_top1,
                      "ln_ppl_ratio": r.ln_ppl_ratio, "ln_ppl_ratio_err": r.ln_ppl_ratio_err,
                      "mean_dp_pct": r.mean_dp, "mean_dp_err": r.mean_dp_err, "rms_dp_pct": r.rms_dp}
