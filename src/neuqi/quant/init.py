@@ -973,8 +973,8 @@ def _init_neuqi_multistart(wg: Tensor, hg: Tensor, maxq: int) -> tuple[Tensor, T
     # zero (``FIT_AROUND_WINDOWS``), as on long rows.  Sweeping every window that can
     # hold the best zero instead left the same parameters to float noise on SmolLM2's
     # block 3 (2/3/4-bit g64, 3-bit g128: every mean and worst ratio to the dense optimum
-    # equal to the printed digits) and cost 13-33 % more there, 31 % more on the
-    # 4096 x 4096 layer at 3-bit g128 (2026-12-07, eighth session).
+    # equal to the printed digits); the two-window sweeps took 10-33 % less time there and
+    # 24 % less on a 4096 x 4096 layer at 3-bit g128 (2026-12-07, eighth session).
     if wg.shape[1] < UB_MIN_LEN:
         best.take(*fitted_patterns(wg, hg, s2, maxq, around=z2))
         best.take(*fitted_patterns(wg, hg, best.s, maxq, around=best.z))
