@@ -6,7 +6,7 @@ Real layers (one decoder block of SmolLM2-135M, H from 16 × 512 tokens of
 c4-sample): relative output error ``tr(ΔHΔᵀ)/tr(WHWᵀ) = ‖(W−Ŵ)X‖²/‖WX‖²`` summed over
 the block's 7 linears, and the seconds it took.  Then a 4096×4096 layer
 (random weights, random SPD H) at 3-bit g128: init seconds for each method next
-to the LDLQ solve seconds, on CPU and on CUDA when present.  Writes
+to the LDLQ solve seconds, each the best of ``--repeat``, on CPU and on CUDA when present.  Writes
 ``bench/results/layer_bench.json``.
 """
 
@@ -73,7 +73,9 @@ def real_layer_table(index: int) -> list[dict]:
     return rows
 
 
-def big_layer_timing(device: torch.device) -> dict:
+def big_layer_timing(device: torch.device, repeat: int = 3) -> dict:
+    """Seconds of each init and of the LDLQ / GPTQ solves on a 4096² layer, each the
+    best of ``repeat`` (one run moved the solve by a third on a noisy day)."""
     torch.manual_seed(0)
     n = 4096
     w = (torch.randn(n, n) * 0.02).to(device)
@@ -84,18 +86,21 @@ def big_layer_timing(device: torch.device) -> dict:
     out = {"device": str(device)}
     init_params(w[:64], spec, "neuqi", h)  # compile / warm-up
     init_params(w[:64], spec, "neuqi_int", h)
+    out["repeat"] = repeat
     for m in ("minmax", "mse", "neuqi_int", "neuqi"):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        init_params(w, spec, m, h)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out[f"init_{m}_s"] = time.perf_counter() - t0
-    res = gptq_quantize(w, H, spec, init="minmax", algorithm="ldlq")
-    out["ldlq_solve_s"] = res.stats["seconds_solve"]
-    res = gptq_quantize(w, H, spec, init="minmax", algorithm="gptq")
-    out["gptq_solve_s"] = res.stats["seconds_solve"]
+        secs = []
+        for _ in range(repeat):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            init_params(w, spec, m, h)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            secs.append(time.perf_counter() - t0)
+        out[f"init_{m}_s"] = min(secs)
+    for algo in ("ldlq", "gptq"):
+        runs = (gptq_quantize(w, H, spec, init="minmax", algorithm=algo) for _ in range(repeat))
+        out[f"{algo}_solve_s"] = min(r.stats["seconds_solve"] for r in runs)
     print(json.dumps(out, indent=1), flush=True)
     return out
 
@@ -105,11 +110,12 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=3)
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="4096² layer: best of this many runs each")
     args = ap.parse_args()
     result = {"real": [] if args.skip_real else real_layer_table(args.layer), "big": []}
     if not args.skip_big:
         devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-        result["big"] = [big_layer_timing(d) for d in devices]
+        result["big"] = [big_layer_timing(d, args.repeat) for d in devices]
     out = Path("bench/results")
     out.mkdir(parents=True, exist_ok=True)
     (out / "layer_bench.json").write_text(json.dumps(result, indent=2))
