@@ -194,3 +194,26 @@ def test_kquant_row_fallback() -> None:
         type_for_row(GGUF_TYPES["Q2_K"], 100)
     with pytest.raises(ValueError, match="multiple of 256"):
         gguf_params(torch.randn(2, 288), GGUF_TYPES["Q4_K"])
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "Q5_0", "Q2_K", "Q3_K"])
+def test_a_layer_searched_in_slices_of_rows_gets_the_same_parameters(monkeypatch, name: str) -> None:
+    """On the CPU gguf_params runs a big layer's rows in slices (init.slice_rows): a
+    row's stored fields must not depend on its slice, the last partial one included."""
+    from neuqi.quant import init as init_mod
+
+    monkeypatch.setenv("NEUQI_COMPILE", "0")
+    t = gguf_type(name)
+    w, h = _heavy(7, 512, seed=2)
+    whole = gguf_params(w, t, "neuqi", h)
+    from neuqi.quant import gguf_types
+
+    monkeypatch.setattr(init_mod, "_OUTER_ELEMENTS", {"cpu": 512 * 2})  # 2 rows a slice
+    rows = []
+    monkeypatch.setattr(gguf_types, "gguf_params",
+                        lambda x, *a: rows.append(x.shape[0]) or gguf_params(x, *a))
+    sliced = gguf_params(w, t, "neuqi", h)
+    assert rows == [2, 2, 2, 1]
+    for f in ("scale", "zero", "offset"):
+        torch.testing.assert_close(getattr(sliced, f), getattr(whole, f), rtol=0, atol=0)
+    assert sliced.scale.shape == whole.scale.shape == (7, 512 // t.spec.group_size)

@@ -574,6 +574,29 @@ def test_chunked_sweeps_trim_the_heap_on_cpu_and_keep_their_results(monkeypatch)
     torch.testing.assert_close(loss, expected[1])
 
 
+@pytest.mark.parametrize("method", ["minmax", "mse", "neuqi", "neuqi_int"])
+def test_a_layer_searched_in_slices_of_groups_gets_the_same_parameters(monkeypatch, method):
+    """On the CPU init_params runs a big layer's groups through the search in slices
+    (_OUTER_ELEMENTS); a group's parameters must not depend on its slice, the last
+    partial slice and the re-searched far-zero groups included."""
+    monkeypatch.setenv("NEUQI_COMPILE", "0")
+    torch.manual_seed(3)
+    spec = QuantSpec(3, 64)
+    w = torch.randn(37, 192) * torch.rand(37, 1) * 0.05
+    w[5] = 5.0 + torch.randn(192) * 1e-3  # near-constant, far from 0: the bounded re-search
+    h = torch.rand(192) + 0.05
+    whole = init_params(w, spec, method, h)
+    calls = []
+    group_params = init_mod._group_params
+    monkeypatch.setattr(init_mod, "_group_params",
+                        lambda wg, *a: calls.append(wg.shape[0]) or group_params(wg, *a))
+    monkeypatch.setattr(init_mod, "_OUTER_ELEMENTS", {"cpu": 64 * 10})  # 10 groups a slice
+    sliced = init_params(w, spec, method, h)
+    assert calls == [10] * 11 + [1]
+    torch.testing.assert_close(sliced.scale, whole.scale, rtol=0, atol=0)
+    torch.testing.assert_close(sliced.zero, whole.zero, rtol=0, atol=0)
+
+
 def test_float_zero_stays_where_float16_holds_it():
     """Near-constant rows far from 0 want a zero-point of thousands of steps, which
     float16 (the stored type) rounds by whole steps or overflows; the search keeps

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from neuqi.quant.grid import QuantParams, QuantSpec, check_weight
-from neuqi.quant.init import _init_neuqi_grid, best_zero, fixed_zero_search, group_loss, to_groups
+from neuqi.quant.init import _init_neuqi_grid, best_zero, fixed_zero_search, group_loss, slice_rows, to_groups
 
 GGUF_BLOCK = 32
 
@@ -287,6 +287,11 @@ def gguf_params(
     if init not in GGUF_INITS:
         raise ValueError(f"GGUF types take init {GGUF_INITS}, got {init!r}")
     t.check_row_length(w.shape[1])
+    rows = slice_rows(w)  # rows are independent; slices keep temporaries small (slice_rows)
+    if rows < w.shape[0]:
+        parts = [gguf_params(w[a : a + rows], t, init, h_diag) for a in range(0, w.shape[0], rows)]
+        return QuantParams(*(torch.cat([getattr(p, f) for p in parts])
+                             for f in ("scale", "zero", "offset")))
     if t.is_kquant:
         from neuqi.quant.kquants import kquant_params
 
