@@ -1484,6 +1484,13 @@ NEUQI_INT_TAIL = tuple(1.25 + i / 32 for i in range(1, 25)) + tuple(2.0 + i / 8 
 # with ``init_norm`` 3 1.5x faster at 3b g64; the float-zero searches' sweeps store
 # per-event tensors and ran slower with larger chunks, so they keep the common size.
 DIRECT_CHUNK_SCALE = 4
+# The integer-zero coarse grid (:func:`_int_zero_ranks_chunk`: losses, valleys) takes
+# chunks four times larger again: its Python work per chunk (the valleys, the top few)
+# was a fifth of NeUQI_int's search on SmolLM2's block 3.  There the search took 1.6-1.7 s
+# against 2.2-2.4 s at 3-bit g64, 3.1-3.3 s against 4.0-4.2 s at 4-bit g64 and 1.6-1.8 s
+# against 1.9-2.0 s at 3-bit channel-wise, to the same parameters (2026-12-08); 32 and 64
+# were no faster.  A chunk's [g, K, Z] losses are then 4 MB at 4-bit g64 on the CPU.
+INT_GRID_CHUNK_SCALE = 16
 
 
 def _int_zero_losses_chunk(wg: Tensor, hg: Tensor, s: Tensor, z: Tensor, maxq: int) -> Tensor:
@@ -1579,19 +1586,17 @@ def fixed_zero_search(
     if bracket is not None:  # the sparse tail: a fixed zero's best grid is sometimes wider
         ratios = torch.cat([ratios, torch.tensor(NEUQI_INT_TAIL, device=wg.device, dtype=wg.dtype)])
     K = ratios.numel()
-    chunk = _chunk_rows(n * K, wg.device) * DIRECT_CHUNK_SCALE
+    chunk = _chunk_rows(n * K, wg.device) * INT_GRID_CHUNK_SCALE
     # Each chunk's [g, K, Z] losses are reduced to what the next step needs while
     # they are in cache: the best zeros (unbracketed) or the lowest valleys.
     picks = min(keep, Z) if bracket is None else min(NEUQI_INT_VALLEYS.get(maxq, 4), K * Z)
     top = torch.empty(G, picks, device=wg.device, dtype=torch.long)
     for c, start in enumerate(range(0, G, chunk)):
         part = slice(start, start + chunk)
-        s = s0[part, None] * ratios[None, :]
-        losses = _run_sweep(_int_zero_losses_chunk, wg[part], hg[part], s, zeros[part], maxq)
-        if s_floor is not None:  # below a zero's floor its grid clips too far
-            losses = torch.where(s[:, :, None] < s_floor[part, None, :], torch.inf, losses)
-        top[part] = (losses.amin(1) if bracket is None else _valleys(losses)).topk(
-            picks, dim=1, largest=False).indices
+        floor = None if s_floor is None else s_floor[part]
+        ranked = _run_sweep(_int_zero_ranks_chunk, wg[part], hg[part], s0[part, None] * ratios[None, :],
+                            zeros[part], maxq, floor, bracket is not None)
+        top[part] = ranked.topk(picks, dim=1, largest=False).indices
         _trim(c, wg.device)
     if bracket is None:
         return _chunked_scale_sweep(wg, hg, maxq, zeros.gather(1, top).contiguous(),
@@ -1604,6 +1609,20 @@ def fixed_zero_search(
         s_lo = torch.maximum(s_lo, s_floor.gather(1, zi))
         s_hi = torch.maximum(s_hi, s_lo)
     return _chunked_bracket_sweep(wg, hg, maxq, zeros.gather(1, zi).contiguous(), s_lo, s_hi)
+
+
+def _int_zero_ranks_chunk(
+    wg: Tensor, hg: Tensor, s: Tensor, zeros: Tensor, maxq: int, s_floor: Tensor | None, valleys: bool
+) -> Tensor:
+    """What :func:`fixed_zero_search` ranks, from the losses at every scale ``s: [g, K]``
+    for every zero ``zeros: [g, Z]`` (:func:`_int_zero_losses_chunk`) in one compiled
+    call: with ``valleys`` each local minimum over the scale (:func:`_valleys`, ``[g, K·Z]``),
+    else each zero's least loss (``[g, Z]``).  Scales below a zero's ``s_floor: [g, Z]``
+    (its grid would clip too far) do not count."""
+    losses = _int_zero_losses_chunk(wg, hg, s, zeros, maxq)
+    if s_floor is not None:
+        losses = torch.where(s[:, :, None] < s_floor[:, None, :], torch.inf, losses)
+    return _valleys(losses) if valleys else losses.amin(1)
 
 
 def _valleys(losses: Tensor) -> Tensor:
