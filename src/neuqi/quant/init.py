@@ -1868,8 +1868,8 @@ def init_params(
 # CPU time in the kernel, mapping and faulting in fresh pages (~800k minor faults); in
 # slices of 2^19 weights the search took ~20 % less wall time (8.7-9.3 s against
 # 7.0-7.6 s), to the same parameters bit for bit.  A 2048 x 1536 layer's GGUF search:
-# Q4_1 ~20 % less, Q2_K 7 %, Q3_K 5 % (2026-12-07).  A GPU wants the largest launches:
-# no slicing there.
+# Q4_1 ~20 % less, Q2_K 7 %, Q3_K 5 % (2026-12-07, ninth session).  A GPU wants the
+# largest launches: no slicing there.
 _OUTER_ELEMENTS = {"cpu": 1 << 19}
 
 
