@@ -1477,9 +1477,10 @@ NEUQI_INT_EXHAUSTIVE_EVENTS = 12
 NEUQI_INT_TAIL = tuple(1.25 + i / 32 for i in range(1, 25)) + tuple(2.0 + i / 8 for i in range(1, 9))
 
 
-# The direct-evaluation kernels (the integer-zero coarse grid, the L_p losses) reduce
-# each candidate over its group without storing ``[G, K, (Z,) n]``, so they take
-# chunks this many times the common size.  On SmolLM2's block 3 (CPU) that made the
+# The direct-evaluation kernels (the multi-start points, the L_p losses; the
+# integer-zero coarse grid takes ``INT_GRID_CHUNK_SCALE``) reduce each candidate over
+# its group without storing ``[G, K, (Z,) n]``, so they take chunks this many times the
+# common size.  On SmolLM2's block 3 (CPU) that made the
 # integer-zero search 8-12% faster at 3b/4b g64 and 3b channel-wise, and NeUQI_int
 # with ``init_norm`` 3 1.5x faster at 3b g64; the float-zero searches' sweeps store
 # per-event tensors and ran slower with larger chunks, so they keep the common size.
