@@ -200,18 +200,18 @@ def test_kquant_row_fallback() -> None:
 def test_a_layer_searched_in_slices_of_rows_gets_the_same_parameters(monkeypatch, name: str) -> None:
     """On the CPU gguf_params runs a big layer's rows in slices (init.slice_rows): a
     row's stored fields must not depend on its slice, the last partial one included."""
+    from neuqi.quant import gguf_types
     from neuqi.quant import init as init_mod
 
     monkeypatch.setenv("NEUQI_COMPILE", "0")
     t = gguf_type(name)
     w, h = _heavy(7, 512, seed=2)
     whole = gguf_params(w, t, "neuqi", h)
-    from neuqi.quant import gguf_types
-
     monkeypatch.setattr(init_mod, "_OUTER_ELEMENTS", {"cpu": 512 * 2})  # 2 rows a slice
     rows = []
-    monkeypatch.setattr(gguf_types, "gguf_params",
-                        lambda x, *a: rows.append(x.shape[0]) or gguf_params(x, *a))
+    rows_params = gguf_types._rows_params
+    monkeypatch.setattr(gguf_types, "_rows_params",
+                        lambda x, *a: rows.append(x.shape[0]) or rows_params(x, *a))
     sliced = gguf_params(w, t, "neuqi", h)
     assert rows == [2, 2, 2, 1]
     for f in ("scale", "zero", "offset"):

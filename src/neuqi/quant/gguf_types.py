@@ -288,10 +288,14 @@ def gguf_params(
         raise ValueError(f"GGUF types take init {GGUF_INITS}, got {init!r}")
     t.check_row_length(w.shape[1])
     rows = slice_rows(w)  # rows are independent; slices keep temporaries small (slice_rows)
-    if rows < w.shape[0]:
-        parts = [gguf_params(w[a : a + rows], t, init, h_diag) for a in range(0, w.shape[0], rows)]
-        return QuantParams(*(torch.cat([getattr(p, f) for p in parts])
-                             for f in ("scale", "zero", "offset")))
+    if rows >= w.shape[0]:
+        return _rows_params(w, t, init, h_diag)
+    parts = [_rows_params(w[a : a + rows], t, init, h_diag) for a in range(0, w.shape[0], rows)]
+    return QuantParams(*(torch.cat([getattr(p, f) for p in parts]) for f in ("scale", "zero", "offset")))
+
+
+def _rows_params(w: Tensor, t: GGUFType, init: str, h_diag: Tensor | None) -> QuantParams:
+    """:func:`gguf_params` for the (checked) rows ``w: [rows, in]``."""
     if t.is_kquant:
         from neuqi.quant.kquants import kquant_params
 
